@@ -1,0 +1,203 @@
+"""Wiring: builds the runtime from a Config and serves the two listeners.
+
+The traffic listener is aiohttp's low-level ``web.Server`` (no router: every
+request goes to :meth:`Pipeline.handle`); the admin listener is a regular
+``web.Application`` serving ``/health``, ``/healthz``, ``/metrics`` and the
+token-protected admin API. Resources are opened in :meth:`Runtime.open` and
+closed in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.audit.records import now_iso
+from proxy.audit.sqlite import SqliteAuditSink
+from proxy.config import Config, Mode
+from proxy.embedded.memory import MemoryIdempotencyStore, MemoryModeStore, MemoryRateLimiter
+from proxy.forward import new_session
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.policy_regorus import RegorusEngine
+from proxy.ports import AuditSink, AuditUnavailable, ModeStore
+from proxy.settings import Environment
+from proxy.stages import Stage
+from proxy.stages.attributes import AttributeBuilder
+from proxy.stages.authenticate import ApiKeyAuthenticator
+from proxy.stages.invariants import Invariants
+from proxy.stages.policy import PolicyStage
+from proxy.stages.ratelimit import RateLimitStage
+from proxy.stages.replay import ReplayGuard
+
+log = logging.getLogger("casf")
+
+
+@dataclass(slots=True)
+class Runtime:
+    cfg: Config
+    env: Environment
+    metrics: Metrics
+    audit: AuditSink
+    mode: ModeStore
+    pipeline: Pipeline
+    backends: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, cfg: Config, env: Environment) -> AsyncIterator[Runtime]:
+        metrics = Metrics()
+        if env.redis_url or env.pg_dsn:
+            # Redis and PostgreSQL backends are separate capabilities (issues 3 and 4);
+            # refusing to start is safer than silently running embedded.
+            raise RuntimeError("REDIS_URL / PG_DSN backends are not available in this build; "
+                               "unset them to run embedded")
+        log.warning("running embedded: in-memory replay/rate-limit/mode state, SQLite audit "
+                    "at %s (not shared between replicas)", cfg.audit.sqlite_path)
+        engine = RegorusEngine(cfg.policy)
+        audit = SqliteAuditSink(cfg.audit.sqlite_path, cfg.audit.chain_id,
+                                batch_max=cfg.audit.batch_max,
+                                batch_wait_s=cfg.audit.batch_wait_s,
+                                timeout_s=cfg.audit.timeout_s)
+        await audit.start()
+        try:
+            idem = MemoryIdempotencyStore()
+            mode = MemoryModeStore(cfg.mode_default)
+            assert cfg.identity.api_keys is not None
+            auth = ApiKeyAuthenticator(cfg.identity.api_keys)
+            stages: list[Stage] = [
+                auth,
+                AttributeBuilder(),
+                ReplayGuard(cfg.replay, idem, cfg.replay_lease_s, metrics),
+                Invariants(),
+                RateLimitStage(cfg.rate_limits, MemoryRateLimiter(), metrics),
+                PolicyStage(engine),
+            ]
+            async with new_session(cfg.upstream) as session:
+                pipeline = Pipeline(cfg, stages, idempotency=idem, mode=mode, audit=audit,
+                                    policy_hash=engine.policy_hash, metrics=metrics,
+                                    session=session, consumed_headers=(auth.header,))
+                yield cls(cfg, env, metrics, audit, mode, pipeline,
+                          {"state": "memory", "audit": "sqlite", "policy": "regorus"})
+        finally:
+            await audit.close()
+
+    # ------------------------------------------------------------ admin
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/admin/mode", self._get_mode)
+        app.router.add_put("/admin/mode", self._put_mode)
+        return app
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        checks = {"config": "ok", "policy": "ok",
+                  "state": self.backends.get("state", "?"),
+                  "audit": "ok" if await self.audit.healthy() else "unavailable"}
+        ok = checks["audit"] == "ok"
+        return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks,
+                                  "mode": self.mode.current().value,
+                                  "config_hash": self.cfg.digest},
+                                 status=200 if ok else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(self.metrics.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    def _authorised(self, request: web.Request) -> web.Response | None:
+        token = self.env.admin_token
+        if token is None:
+            return web.json_response({"error": "admin API disabled (CASF_ADMIN_TOKEN unset)"},
+                                     status=404)
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return web.json_response({"error": "unauthorised"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _get_mode(self, request: web.Request) -> web.Response:
+        denied = self._authorised(request)
+        if denied is not None:
+            return denied
+        return web.json_response({"mode": self.mode.current().value})
+
+    async def _put_mode(self, request: web.Request) -> web.Response:
+        denied = self._authorised(request)
+        if denied is not None:
+            return denied
+        try:
+            body = orjson.loads(await request.read())
+            new = Mode(body["mode"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return web.json_response(
+                {"error": "body must be {\"mode\": ALLOW|STEP_UP|READ_ONLY|KILL_SWITCH}"},
+                status=400)
+        old = self.mode.current()
+        record: dict[str, Any] = {
+            "event_id": uuid.uuid4().hex, "ts": now_iso(), "kind": "decision",
+            "request_id": request.headers.get("X-Request-Id"), "trace_id": None,
+            "actor": "admin", "role": "admin", "tenant": None, "tool": "casf.admin.set_mode",
+            "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": "ALLOW",
+            "status": 200, "reason_codes": [], "policy_hash": self.pipeline.policy_hash,
+            "body_sha256": None, "attrs": {"args": {"from": old.value, "to": new.value}},
+        }
+        try:
+            await self.audit.append(record)
+        except AuditUnavailable:
+            return web.json_response({"error": "audit store unavailable; mode unchanged"},
+                                     status=503)
+        await self.mode.set(new)
+        log.warning("mode changed %s -> %s", old.value, new.value)
+        return web.json_response({"mode": new.value, "previous": old.value})
+
+
+@dataclass(slots=True)
+class Serving:
+    traffic_port: int
+    admin_port: int
+    runners: list[web.BaseRunner]
+
+    async def close(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+
+async def serve(rt: Runtime, *, traffic_sock: socket.socket | None = None) -> Serving:
+    """Start both listeners; returns their bound ports (port 0 picks a free one)."""
+    cfg = rt.cfg
+    server = web.Server(rt.pipeline.handle, access_log=None)
+    traffic = web.ServerRunner(server, handle_signals=False)
+    await traffic.setup()
+    if traffic_sock is not None:
+        tsite: web.BaseSite = web.SockSite(traffic, traffic_sock)
+    else:
+        tsite = web.TCPSite(traffic, cfg.traffic.host, cfg.traffic.port, backlog=1024)
+    await tsite.start()
+    admin = web.AppRunner(rt.admin_app(), access_log=None, handle_signals=False)
+    await admin.setup()
+    asite = web.TCPSite(admin, cfg.admin.host, cfg.admin.port)
+    await asite.start()
+    return Serving(_port(traffic), _port(admin), [traffic, admin])
+
+
+def _port(runner: web.BaseRunner) -> int:
+    addrs = runner.addresses
+    return int(addrs[0][1]) if addrs else 0

@@ -1,0 +1,1 @@
+"""Hash-chained audit trail: records, chain hashing, stores and verification."""

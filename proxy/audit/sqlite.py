@@ -1,0 +1,219 @@
+"""Embedded audit store: a SQLite file written by one writer task (group commit).
+
+Requests hand their record to :meth:`SqliteAuditSink.append` and wait; the
+writer drains whatever is queued (up to ``batch_max``), seals the records
+into this instance's chain, commits them in one transaction on a dedicated
+thread (never on the event loop) and only then resolves the waiters. A failed
+commit resolves every waiter of that batch with :class:`AuditUnavailable`
+and leaves the chain where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.audit.chain import GENESIS, seal
+from proxy.audit.records import FIELDS
+from proxy.ports import AuditReceipt, AuditUnavailable
+from proxy.tasks import spawn
+
+_JSON_FIELDS = ("reason_codes", "attrs")
+_INT_FIELDS = ("seq", "status")
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS audit_events (
+  {", ".join(f + (" INTEGER" if f in _INT_FIELDS else " TEXT") for f in FIELDS)},
+  extra TEXT NOT NULL DEFAULT '{{}}',
+  PRIMARY KEY (chain_id, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts);
+CREATE INDEX IF NOT EXISTS audit_events_request ON audit_events (request_id);
+"""
+_COLUMNS = ", ".join(FIELDS)
+_PLACEHOLDERS = ", ".join("?" for _ in FIELDS)
+_INSERT = f"INSERT INTO audit_events ({_COLUMNS}, extra) VALUES ({_PLACEHOLDERS}, ?)"  # noqa: S608
+
+
+def to_row(record: dict[str, Any]) -> tuple[Any, ...]:
+    values: list[Any] = []
+    for f in FIELDS:
+        v = record.get(f)
+        if f in _JSON_FIELDS:
+            v = orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+        values.append(v)
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    values.append(orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode())
+    return tuple(values)
+
+
+def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for f, v in zip(FIELDS, row, strict=False):
+        record[f] = orjson.loads(v) if f in _JSON_FIELDS and v is not None else v
+    record.update(orjson.loads(row[len(FIELDS)]))
+    return record
+
+
+def connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    if not create and not path.exists():
+        raise AuditUnavailable(f"audit file {path} does not exist")
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=2000")
+        if create:
+            conn.executescript(_SCHEMA)
+    except sqlite3.Error as exc:
+        raise AuditUnavailable(f"cannot open audit file {path}: {exc}") from exc
+    return conn
+
+
+def iter_records(conn: sqlite3.Connection, chain_id: str | None = None,
+                 since: str | None = None, until: str | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Stream records ordered by (chain_id, seq), optionally filtered."""
+    where: list[str] = []
+    args: list[Any] = []
+    if chain_id is not None:
+        where.append("chain_id = ?")
+        args.append(chain_id)
+    if since is not None:
+        where.append("ts >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        args.append(until)
+    sql = f"SELECT {', '.join(FIELDS)}, extra FROM audit_events"  # noqa: S608 - fixed names
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY chain_id, seq"
+    cur = conn.execute(sql, args)
+    while True:
+        rows = cur.fetchmany(1000)
+        if not rows:
+            return
+        for row in rows:
+            yield from_row(row)
+
+
+def _consume(fut: asyncio.Future[AuditReceipt]) -> None:
+    """Mark a result as seen so a waiter that timed out leaves no warning."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class SqliteAuditSink:
+    """One chain (``chain_id``) in a SQLite file, appended by a single writer task."""
+
+    def __init__(self, path: Path, chain_id: str, *, batch_max: int = 256,
+                 batch_wait_s: float = 0.0, timeout_s: float = 2.0) -> None:
+        self.path = path
+        self.chain_id = chain_id
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
+        self.timeout_s = timeout_s
+        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[AuditReceipt]]] = (
+            asyncio.Queue())
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casf-audit")
+        self._conn: sqlite3.Connection | None = None
+        self._seq = 0
+        self._prev = GENESIS
+        self._writer: asyncio.Task[None] | None = None
+        self._ok = False
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> tuple[int, str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = connect(self.path, create=True)
+        row = self._conn.execute(
+            "SELECT seq, hash FROM audit_events WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
+            (self.chain_id,)).fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    async def start(self) -> None:
+        """Open the file and resume this chain from its last committed record."""
+        self._seq, self._prev = await self._run(self._open)
+        self._ok = True
+        self._writer = spawn(self._write_loop(), name="casf-audit-writer")
+
+    async def close(self) -> None:
+        """Flush queued records, then stop the writer and close the file."""
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._conn is not None:
+            await self._run(self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def append(self, record: dict[str, Any]) -> AuditReceipt:
+        if self._writer is None or self._writer.done():
+            raise AuditUnavailable("audit writer is not running")
+        fut: asyncio.Future[AuditReceipt] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_consume)
+        self._queue.put_nowait((record, fut))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except TimeoutError as exc:
+            raise AuditUnavailable("audit commit timed out") from exc
+
+    async def healthy(self) -> bool:
+        return self._ok and self._writer is not None and not self._writer.done()
+
+    def _commit(self, rows: list[tuple[Any, ...]]) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    async def _write_loop(self) -> None:
+        q = self._queue
+        while True:
+            batch = [await q.get()]
+            if self.batch_wait_s > 0 and q.empty():
+                await asyncio.sleep(self.batch_wait_s)
+            while len(batch) < self.batch_max and not q.empty():
+                batch.append(q.get_nowait())
+            seq, prev = self._seq, self._prev
+            rows: list[tuple[Any, ...]] = []
+            receipts: list[AuditReceipt] = []
+            for record, _ in batch:
+                seq += 1
+                seal(record, self.chain_id, seq, prev)
+                prev = record["hash"]
+                rows.append(to_row(record))
+                receipts.append(AuditReceipt(self.chain_id, seq, prev))
+            try:
+                await self._run(self._commit, rows)
+            except Exception as exc:
+                self._ok = False
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(AuditUnavailable(f"audit commit failed: {exc}"))
+            else:
+                self._ok = True
+                self._seq, self._prev = seq, prev
+                for (_, fut), receipt in zip(batch, receipts, strict=True):
+                    if not fut.done():
+                        fut.set_result(receipt)
+            finally:
+                for _ in batch:
+                    q.task_done()

@@ -1,0 +1,1 @@
+"""Embedded (single-process) implementations of the shared-state ports."""

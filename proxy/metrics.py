@@ -1,0 +1,38 @@
+"""Prometheus metrics with the contract's names, on a per-app registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All metrics of one proxy instance (no module-level registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("casf_requests_total", "Requests by tool and decision",
+                                ["tool", "decision"], registry=r)
+        self.duration = Histogram("casf_request_duration_seconds",
+                                  "Time from request to response headers",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("casf_in_flight", "Requests being processed", registry=r)
+        self.fail_closed = Counter("casf_fail_closed_total", "Fail-closed denials by trigger",
+                                   ["trigger"], registry=r)
+        self.replay_hit = Counter("casf_replay_hit_total", "Replayed outcomes", registry=r)
+        self.replay_mismatch = Counter("casf_replay_mismatch_total",
+                                       "Request ids reused with another payload", registry=r)
+        self.rate_limited = Counter("casf_rate_limited_total", "Rate-limited requests",
+                                    registry=r)
+        self.shadow_denied = Counter("casf_shadow_denied_total",
+                                     "Requests shadow mode would have denied", registry=r)
+        self.audit_events = Counter("casf_audit_events_total", "Audit records committed",
+                                    ["kind"], registry=r)
+        self.audit_errors = Counter("casf_audit_errors_total", "Audit appends that failed",
+                                    registry=r)
+        self.upstream_duration = Histogram("casf_upstream_duration_seconds",
+                                           "Upstream time to response headers",
+                                           buckets=_LATENCY_BUCKETS, registry=r)

@@ -1,0 +1,74 @@
+"""Per-request data carried through the pipeline (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from multidict import CIMultiDictProxy
+
+from proxy.config import Mode, RouteConfig
+from proxy.pathnorm import Target
+from proxy.ports import ClaimResult, StoredOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. ``key_id`` names the credential, never its value."""
+
+    id: str
+    role: str
+    tenant: str | None
+    auth: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A stage's answer that stops the pipeline (anything but "continue").
+
+    ``shadowable`` verdicts are recorded but not enforced on routes with
+    ``enforce: false``; parse, routing and audit verdicts are never shadowable.
+    """
+
+    decision: str  # DENY | NEEDS_APPROVAL
+    status: int
+    reasons: tuple[str, ...]
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+    shadowable: bool = True
+    fail_closed_trigger: str | None = None
+    replay: StoredOutcome | None = None  # a replayed outcome, not a deny
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Mutable per-request state; each stage fills in its part."""
+
+    method: str
+    target: Target
+    headers: CIMultiDictProxy[str]
+    peer: str
+    scheme: str
+    host: str
+    trace_id: str
+    traceparent: str
+    body: bytes = b""
+    body_sha256: str = ""
+    route: RouteConfig | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    principal: Principal | None = None
+    json_body: Any = None
+    policy_input: dict[str, Any] = field(default_factory=dict)
+    mode: Mode = Mode.ALLOW
+    request_id: str = ""
+    client_request_id: bool = False
+    replay_key: str | None = None
+    fingerprint: str | None = None
+    claim: ClaimResult | None = None
+    shadow: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)  # fail-open events on reads
+
+    @property
+    def tool(self) -> str:
+        return self.route.tool if self.route is not None else ""

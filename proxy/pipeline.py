@@ -1,0 +1,349 @@
+"""The request pipeline, in the contract's order (contract §2).
+
+    1 parse & bound → 2 route → 3 authenticate → 4 attributes → 5 anti-replay
+    → 6 invariants → 7 rate limits → 8 policy → 9 audit (committed) → 10 forward
+
+:meth:`Pipeline.handle` reads top to bottom in that order. Stages 3-8 are
+:class:`~proxy.stages.Stage` objects in ``self.stages``; the first verdict
+stops the pipeline (unless the route is in shadow mode and the verdict is
+shadowable). :meth:`Pipeline._forward` is called from exactly one place: the
+ALLOW branch, after the decision record has been committed. Any unexpected
+exception before forwarding becomes a 500 envelope with decision DENY and an
+audit record; an error never forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.audit.records import base_record
+from proxy.config import Config
+from proxy.envelope import envelope_response
+from proxy.forward import downstream_headers, replay_headers, upstream_request_headers
+from proxy.metrics import Metrics
+from proxy.model import Exchange, Principal, Verdict
+from proxy.pathnorm import MalformedTarget, Target, split_target
+from proxy.ports import AuditSink, AuditUnavailable, IdempotencyStore, ModeStore, StoredOutcome
+from proxy.reasons import Reason
+from proxy.stages import Stage
+
+log = logging.getLogger("casf.access")
+errlog = logging.getLogger("casf.pipeline")
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_ANONYMOUS = Principal("anonymous", "", None, "none", "")
+
+
+def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
+    """(trace_id, traceparent to forward): the caller's W3C context, or a new one."""
+    tp = headers.get("traceparent", "").strip().lower()
+    m = _TRACEPARENT.match(tp)
+    if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
+        return m.group(1), tp
+    trace_id = secrets.token_hex(16)
+    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, stages: list[Stage], *, idempotency: IdempotencyStore,
+                 mode: ModeStore, audit: AuditSink, policy_hash: str, metrics: Metrics,
+                 session: aiohttp.ClientSession, consumed_headers: tuple[str, ...]) -> None:
+        self.cfg = cfg
+        self.stages = stages
+        self.idempotency = idempotency
+        self.mode = mode
+        self.audit = audit
+        self.policy_hash = policy_hash
+        self.metrics = metrics
+        self.session = session
+        self.consumed = consumed_headers
+        self.base_url = cfg.upstream.url
+
+    # ------------------------------------------------------------ entry
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        trace_id, traceparent = trace_context(request.headers)
+        ex = Exchange(method=request.method, target=Target("", ""), headers=request.headers,
+                      peer=_peer(request), scheme=request.scheme,
+                      host=request.headers.get("Host", ""), trace_id=trace_id,
+                      traceparent=traceparent, mode=self.mode.current())
+        decision, status = "DENY", 500
+        reasons: tuple[str, ...] = (Reason.INTERNAL_ERROR,)
+        try:
+            response, decision, status, reasons = await self._run(request, ex)
+            return response
+        except Exception:
+            errlog.exception("unexpected error (trace %s)", trace_id)
+            verdict = Verdict("DENY", 500, (Reason.INTERNAL_ERROR,), "internal error",
+                              shadowable=False)
+            return await self._deny(ex, verdict)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.in_flight.dec()
+            self.metrics.duration.observe(elapsed)
+            self.metrics.requests.labels(ex.tool or "-", decision).inc()
+            if log.isEnabledFor(logging.INFO):
+                log.info(orjson.dumps({
+                    "trace_id": trace_id, "request_id": ex.request_id or None,
+                    "method": ex.method, "route": ex.route.path if ex.route else None,
+                    "tool": ex.tool or None, "decision": decision, "status": status,
+                    "reason_codes": list(reasons), "shadow": ex.shadow or None,
+                    "latency_ms": round(elapsed * 1000, 3)}).decode())
+
+    async def _run(self, request: web.BaseRequest, ex: Exchange
+                   ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
+        # 1. parse & bound
+        verdict = await self._parse(request, ex)
+        if verdict is not None:
+            return await self._deny(ex, verdict), verdict.decision, verdict.status, verdict.reasons
+        # 2. route
+        match = self.cfg.table.match(ex.method, ex.target.path)
+        if match is None:
+            if self._passthrough(ex.target.path):
+                return await self._allow(request, ex, ())
+            verdict = Verdict("DENY", 403, (Reason.ROUTE_NOT_MAPPED,),
+                              "no route maps this request to a tool", shadowable=False)
+            return await self._deny(ex, verdict), "DENY", 403, verdict.reasons
+        ex.route, ex.params = match.value, dict(match.params)
+        # 3-8. authenticate, attributes, anti-replay, invariants, rate limits, policy
+        for stage in self.stages:
+            verdict = await stage.check(ex)
+            if verdict is None:
+                continue
+            if verdict.replay is not None:
+                return await self._replay(ex, verdict.replay), "ALLOW", verdict.status, ()
+            if verdict.shadowable and not ex.route.enforce:
+                ex.shadow.extend(verdict.reasons)
+                self.metrics.shadow_denied.inc()
+                if ex.principal is None:
+                    ex.principal = _ANONYMOUS
+                continue
+            return await self._deny(ex, verdict), verdict.decision, verdict.status, verdict.reasons
+        # 9-10. audit, then forward
+        return await self._allow(request, ex, tuple(ex.shadow))
+
+    # ------------------------------------------------------------ stage 1
+
+    async def _parse(self, request: web.BaseRequest, ex: Exchange) -> Verdict | None:
+        limits = self.cfg.limits
+        if any(h in request.headers for h in _METHOD_OVERRIDES):
+            return Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
+                           "method override headers are not accepted", shadowable=False)
+        try:
+            ex.target = split_target(request.raw_path)
+        except MalformedTarget as exc:
+            return Verdict("DENY", 400, (Reason.MALFORMED_PATH,), str(exc), shadowable=False)
+        length = request.content_length
+        too_large = Verdict("DENY", 413, (Reason.REQUEST_TOO_LARGE,),
+                            f"request body exceeds {limits.max_body_bytes} bytes",
+                            (("Connection", "close"),), shadowable=False)
+        if length is not None and length > limits.max_body_bytes:
+            return too_large
+        if not request.body_exists:
+            ex.body_sha256 = hashlib.sha256(b"").hexdigest()
+            return None
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(limits.body_read_timeout_s):
+                async for chunk in request.content.iter_chunked(65536):
+                    total += len(chunk)
+                    if total > limits.max_body_bytes:
+                        return too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            return Verdict("DENY", 408, (Reason.BODY_TIMEOUT,), "request body read timed out",
+                           (("Connection", "close"),), shadowable=False)
+        ex.body = b"".join(chunks)
+        ex.body_sha256 = hashlib.sha256(ex.body).hexdigest()
+        return None
+
+    def _passthrough(self, path: str) -> bool:
+        for prefix in self.cfg.passthrough:
+            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+                return True
+        return False
+
+    # ------------------------------------------------------------ outcomes
+
+    async def _record(self, ex: Exchange, kind: str, decision: str, status: int,
+                      reasons: tuple[str, ...], **extra: Any) -> None:
+        record = base_record(ex, kind, decision, status, reasons, self.policy_hash,
+                             self.cfg.audit.redact)
+        record.update(extra)
+        try:
+            await self.audit.append(record)
+        except AuditUnavailable:
+            self.metrics.audit_errors.inc()
+            raise
+        self.metrics.audit_events.labels(kind).inc()
+
+    async def _release(self, ex: Exchange) -> None:
+        if ex.replay_key is not None and ex.fingerprint is not None:
+            key, ex.replay_key = ex.replay_key, None
+            try:
+                await self.idempotency.release(key, ex.fingerprint)
+            except Exception:
+                errlog.warning("could not release idempotency claim (trace %s)", ex.trace_id)
+
+    async def _deny(self, ex: Exchange, verdict: Verdict) -> web.Response:
+        """Answer with an envelope; the upstream is never contacted."""
+        await self._release(ex)
+        if verdict.fail_closed_trigger is not None:
+            self.metrics.fail_closed.labels(verdict.fail_closed_trigger).inc()
+        extra: tuple[tuple[str, str], ...] = ()
+        if verdict.status == 503:
+            extra = (("Retry-After", "1"),)
+        try:
+            await self._record(ex, "decision", verdict.decision, verdict.status, verdict.reasons)
+        except AuditUnavailable:
+            errlog.error("deny not audited: audit store unavailable (trace %s)", ex.trace_id)
+        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
+                                 self.policy_hash, extra)
+
+    async def _audit_unavailable(self, ex: Exchange) -> web.Response:
+        await self._release(ex)
+        self.metrics.fail_closed.labels("audit").inc()
+        verdict = Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE),
+                          "the audit store is unavailable; request refused", shadowable=False)
+        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
+                                 self.policy_hash, (("Retry-After", "1"),))
+
+    async def _replay(self, ex: Exchange, outcome: StoredOutcome) -> web.StreamResponse:
+        """Return a stored upstream outcome again, after auditing the replay."""
+        try:
+            await self._record(ex, "replay", "ALLOW", outcome.status, ())
+        except AuditUnavailable:
+            return await self._audit_unavailable(ex)
+        resp = web.Response(status=outcome.status,
+                            body=outcome.body if outcome.body_complete else b"")
+        for name, value in outcome.headers:
+            resp.headers.add(name, value)
+        resp.headers["Idempotent-Replayed"] = "true"
+        resp.headers["X-Casf-Trace-Id"] = ex.trace_id
+        if not outcome.body_complete:
+            resp.headers["X-Casf-Replay-Body"] = "omitted"
+        return resp
+
+    async def _allow(self, request: web.BaseRequest, ex: Exchange, shadow: tuple[str, ...]
+                     ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
+        # 9. the decision record is committed before anything reaches the upstream
+        try:
+            await self._record(ex, "decision", "ALLOW", 200, shadow)
+        except AuditUnavailable:
+            reasons = (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE)
+            return await self._audit_unavailable(ex), "DENY", 503, reasons
+        # 10. forward
+        return await self._forward(request, ex), "ALLOW", 200, shadow
+
+    # ------------------------------------------------------------ stage 10
+
+    async def _forward(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        headers = upstream_request_headers(ex, self.consumed, self.cfg.upstream.forward_credentials)
+        url = self.base_url + ex.target.path_and_query
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.cfg.upstream.timeout_s):
+                upstream = await self.session.request(
+                    ex.method, url, data=ex.body if ex.body else None, headers=headers,
+                    allow_redirects=False)
+        except aiohttp.ClientConnectorError:
+            await self._release(ex)  # never reached the upstream: a retry is evaluated afresh
+            return await self._upstream_failed(ex, 502, Reason.UPSTREAM_UNAVAILABLE,
+                                               "the upstream is unreachable", started)
+        except TimeoutError:
+            # the upstream may have acted: the claim stays until its lease expires
+            return await self._upstream_failed(ex, 504, Reason.UPSTREAM_TIMEOUT,
+                                               "the upstream did not answer in time", started)
+        except aiohttp.ClientError:
+            return await self._upstream_failed(ex, 502, Reason.UPSTREAM_UNAVAILABLE,
+                                               "the upstream connection failed", started)
+        self.metrics.upstream_duration.observe(time.perf_counter() - started)
+        return await self._stream_back(request, ex, upstream, started)
+
+    async def _upstream_failed(self, ex: Exchange, status: int, reason: Reason, message: str,
+                               started: float) -> web.Response:
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            await self._record(ex, "outcome", "ALLOW", status, (reason,), latency_ms=latency,
+                               response_sha256=None)
+        except AuditUnavailable:
+            errlog.error("upstream failure not audited (trace %s)", ex.trace_id)
+        verdict = Verdict("DENY", status, (reason,), message, shadowable=False)
+        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id, self.policy_hash)
+
+    async def _stream_back(self, request: web.BaseRequest, ex: Exchange,
+                           upstream: aiohttp.ClientResponse, started: float
+                           ) -> web.StreamResponse:
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                 headers=downstream_headers(upstream.headers))
+        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
+                "Transfer-Encoding", "").lower():
+            out.content_length = upstream.content_length
+        out.headers["X-Casf-Trace-Id"] = ex.trace_id
+        digest = hashlib.sha256()
+        keep = ex.replay_key is not None
+        limit = self.cfg.replay.max_stored_body_bytes
+        captured = bytearray()
+        complete = True
+        size = 0
+        client_gone = False
+        try:
+            await out.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                size += len(chunk)
+                digest.update(chunk)
+                if keep and complete:
+                    if len(captured) + len(chunk) <= limit:
+                        captured += chunk
+                    else:
+                        complete = False
+                if not client_gone:
+                    try:
+                        await out.write(chunk)
+                    except (ConnectionError, aiohttp.ClientConnectionResetError):
+                        client_gone = True  # keep reading: the outcome is still recorded
+            if not client_gone:
+                await out.write_eof()
+        except (aiohttp.ClientError, TimeoutError):
+            complete = False
+            errlog.warning("upstream response broke off (trace %s)", ex.trace_id)
+        finally:
+            upstream.release()
+        if ex.replay_key is not None and ex.fingerprint is not None:
+            stored = StoredOutcome(upstream.status, replay_headers(upstream.headers),
+                                   bytes(captured) if complete else b"", complete)
+            try:
+                await self.idempotency.complete(ex.replay_key, ex.fingerprint, stored,
+                                                self.cfg.replay.ttl_s)
+            except Exception:
+                errlog.warning("could not store outcome for replay (trace %s)", ex.trace_id)
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            await self._record(ex, "outcome", "ALLOW", upstream.status, (),
+                               latency_ms=latency, response_sha256=digest.hexdigest(),
+                               response_bytes=size)
+        except AuditUnavailable:
+            errlog.error("outcome not audited (trace %s)", ex.trace_id)
+        return out
+
+
+def _peer(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"

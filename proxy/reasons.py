@@ -1,0 +1,59 @@
+"""Reason codes: one enum, the same string in envelopes, audit, logs and metrics.
+
+Policy violations returned by Rego are free-form strings and travel next to
+these; ``BadRequest_Missing<Name>`` is built from the attribute name by
+:func:`missing_attribute`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # parse & bound
+    REQUEST_TOO_LARGE = "Request_TooLarge"
+    BODY_TIMEOUT = "BadRequest_BodyTimeout"
+    MALFORMED_PATH = "BadRequest_MalformedPath"
+    AMBIGUOUS_REQUEST = "BadRequest_Ambiguous"
+    # route
+    ROUTE_NOT_MAPPED = "Route_NotMapped"
+    # authenticate
+    AUTH_MISSING = "Auth_Missing"
+    AUTH_INVALID = "Auth_Invalid"
+    # attributes
+    INVALID_JSON = "BadRequest_InvalidJson"
+    # anti-replay
+    MISSING_REQUEST_ID = "BadRequest_MissingRequestId"
+    INVALID_REQUEST_ID = "BadRequest_InvalidRequestId"
+    REPLAY_CONCURRENT = "Inv_ReplayConcurrent"
+    REPLAY_MISMATCH = "Inv_ReplayPayloadMismatch"
+    REPLAY_UNAVAILABLE = "Inv_ReplayCheckUnavailable"
+    # invariants
+    MODE_READ_ONLY = "Mode_ReadOnly_NoWrite"
+    MODE_KILL_SWITCH = "Mode_KillSwitch"
+    TENANT_MISMATCH = "Tenant_Mismatch"
+    # rate limits
+    RATE_LIMITED = "RateLimit_Exceeded"
+    RATE_LIMIT_UNAVAILABLE = "Inv_RateLimitUnavailable"
+    # policy
+    POLICY_DENIED = "Policy_Denied"
+    POLICY_BAD_RESULT = "Policy_BadResult"
+    POLICY_EVAL_ERROR = "Policy_EvalError"
+    APPROVAL_REQUIRED = "Approval_Required"
+    OPA_UNAVAILABLE = "OPA_Unavailable"
+    # audit
+    AUDIT_UNAVAILABLE = "Audit_Unavailable"
+    # forward
+    UPSTREAM_UNAVAILABLE = "Upstream_Unavailable"
+    UPSTREAM_TIMEOUT = "Upstream_Timeout"
+    # cross-cutting
+    FAIL_CLOSED = "FAIL_CLOSED"
+    INTERNAL_ERROR = "Internal_Error"
+
+
+def missing_attribute(name: str) -> str:
+    """``patient_id`` → ``BadRequest_MissingPatientId`` (casf-core's spelling)."""
+    leaf = name.rsplit(".", 1)[-1]
+    camel = "".join(part[:1].upper() + part[1:] for part in leaf.replace("-", "_").split("_"))
+    return f"BadRequest_Missing{camel}"

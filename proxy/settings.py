@@ -1,0 +1,46 @@
+"""The one place where the process environment is read.
+
+Everything else receives an :class:`Environment` (or values taken from it),
+so tests can run several proxies with different settings in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """A snapshot of the environment variables casf-proxy reads."""
+
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_process(cls) -> Environment:
+        return cls(dict(os.environ))
+
+    def get(self, name: str) -> str | None:
+        value = self.variables.get(name)
+        return value if value not in (None, "") else None
+
+    @property
+    def config_path(self) -> str | None:
+        return self.get("CASF_CONFIG")
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.get("REDIS_URL")
+
+    @property
+    def pg_dsn(self) -> str | None:
+        return self.get("PG_DSN")
+
+    @property
+    def admin_token(self) -> str | None:
+        return self.get("CASF_ADMIN_TOKEN")
+
+    @property
+    def log_level(self) -> str:
+        return (self.get("CASF_LOG_LEVEL") or "info").lower()

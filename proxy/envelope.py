@@ -25,7 +25,7 @@ def envelope_body(verdict: Verdict, tool: str | None, request_id: str, trace_id:
         "request_id": request_id or None,
         "trace_id": trace_id,
         "policy_hash": policy_hash,
-    })
+    }) + b"\n"
 
 
 def envelope_response(verdict: Verdict, tool: str | None, request_id: str, trace_id: str,

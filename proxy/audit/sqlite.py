@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,14 +62,14 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     return record
 
 
-def connect(path: Path, *, create: bool) -> sqlite3.Connection:
+def connect(path: Path, *, create: bool, busy_timeout_ms: int = 2000) -> sqlite3.Connection:
     if not create and not path.exists():
         raise AuditUnavailable(f"audit file {path} does not exist")
     try:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=2000")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         if create:
             conn.executescript(_SCHEMA)
     except sqlite3.Error as exc:
@@ -128,6 +129,7 @@ class SqliteAuditSink:
         self._prev = GENESIS
         self._writer: asyncio.Task[None] | None = None
         self._ok = False
+        self._committing_since: float | None = None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -135,7 +137,10 @@ class SqliteAuditSink:
 
     def _open(self) -> tuple[int, str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = connect(self.path, create=True)
+        # give up on a locked file before the waiters do, so a refused request's
+        # record is (almost always) not committed after the refusal
+        self._conn = connect(self.path, create=True,
+                             busy_timeout_ms=max(1, int(self.timeout_s * 500)))
         row = self._conn.execute(
             "SELECT seq, hash FROM audit_events WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
             (self.chain_id,)).fetchone()
@@ -170,7 +175,11 @@ class SqliteAuditSink:
             raise AuditUnavailable("audit commit timed out") from exc
 
     async def healthy(self) -> bool:
-        return self._ok and self._writer is not None and not self._writer.done()
+        """False after a failed commit, or while one has been pending past the timeout."""
+        if self._writer is None or self._writer.done() or not self._ok:
+            return False
+        since = self._committing_since
+        return since is None or time.monotonic() - since <= self.timeout_s
 
     def _commit(self, rows: list[tuple[Any, ...]]) -> None:
         assert self._conn is not None
@@ -201,6 +210,7 @@ class SqliteAuditSink:
                 prev = record["hash"]
                 rows.append(to_row(record))
                 receipts.append(AuditReceipt(self.chain_id, seq, prev))
+            self._committing_since = time.monotonic()
             try:
                 await self._run(self._commit, rows)
             except Exception as exc:
@@ -215,5 +225,6 @@ class SqliteAuditSink:
                     if not fut.done():
                         fut.set_result(receipt)
             finally:
+                self._committing_since = None
                 for _ in batch:
                     q.task_done()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command (README): install, lint, type-check, run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+echo "== ruff"; .venv/bin/python -m ruff check .
+echo "== mypy --strict"; .venv/bin/python -m mypy
+echo "== pytest"; .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,187 @@
+"""Shared fixtures: a recording upstream and the real proxy, both on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.app import Runtime, Serving, serve
+from proxy.config import Config, load_config
+from proxy.settings import Environment
+
+ROOT = Path(__file__).resolve().parent.parent
+CLINIC = ROOT / "examples" / "clinic"
+KEYS = {r: f"demo-{r}" for r in ("receptionist", "nurse", "doctor", "billing", "custodian")}
+KEYS["t2-receptionist"] = "demo-t2-receptionist"
+ADMIN_TOKEN = "test-admin-token"
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A real aiohttp server that records everything it receives."""
+
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    def paths(self) -> list[str]:
+        return [s.path_qs for s in self.seen]
+
+
+def _upstream_app(state: Upstream) -> web.Application:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        state.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers),
+                               body))
+        if state.delay_s:
+            await asyncio.sleep(state.delay_s)
+        path = request.path
+        if path == "/events":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(3):
+                await resp.write(f"data: event {i}\n\n".encode())
+                await asyncio.sleep(0.2)
+            await resp.write_eof()
+            return resp
+        if path == "/big":
+            return web.Response(body=b"x" * 200_000, content_type="application/octet-stream")
+        if path.startswith("/status/"):
+            return web.json_response({"status": int(path.rsplit("/", 1)[1])},
+                                     status=int(path.rsplit("/", 1)[1]))
+        status = 201 if request.method == "POST" else 200
+        n = len(state.seen)
+        return web.json_response({"n": n, "method": request.method, "path": path},
+                                 status=status, headers={"Set-Cookie": "s=1", "ETag": f'"{n}"'})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def run_upstream(state: Upstream | None = None, port: int = 0
+                       ) -> AsyncIterator[Upstream]:
+    state = state or Upstream()
+    runner = web.AppRunner(_upstream_app(state), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with run_upstream() as up:
+        yield up
+
+
+def clinic_env(upstream_url: str, tmp_path: Path, **extra: str) -> Environment:
+    return Environment({
+        "CLINIC_UPSTREAM": upstream_url, "CASF_PORT": "0", "CASF_ADMIN_PORT": "0",
+        "CASF_AUDIT_PATH": str(tmp_path / "audit.db"), "CASF_ADMIN_TOKEN": ADMIN_TOKEN,
+        **extra})
+
+
+def write_config(tmp_path: Path, patch: Callable[[dict[str, Any]], None]) -> Path:
+    """The clinic config with ``patch`` applied, written next to its keys and policies."""
+    data = yaml.safe_load((CLINIC / "casf.yaml").read_text())
+    data["identity"]["api_keys"]["keys_file"] = str(CLINIC / "keys.yaml")
+    data["policy"]["bundle"] = str(CLINIC / "policies")
+    patch(data)
+    path = tmp_path / "casf.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@dataclass
+class Proxy:
+    cfg: Config
+    rt: Runtime
+    serving: Serving
+    session: aiohttp.ClientSession
+    upstream: Upstream
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.serving.traffic_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.serving.admin_port}"
+
+    async def call(self, method: str, path: str, *, key: str | None = "receptionist",
+                   json: Any = None, data: bytes | None = None,
+                   headers: dict[str, str] | None = None, rid: str | None = None
+                   ) -> tuple[int, CIMultiDict[str], bytes]:
+        h = dict(headers or {})
+        if key is not None:
+            h["X-API-Key"] = KEYS.get(key, key)
+        if rid is not None:
+            h["Idempotency-Key"] = rid
+        # encoded=True: send the target byte for byte (no client-side normalisation)
+        url = URL(self.url + path, encoded=True)
+        async with self.session.request(method, url, json=json, data=data, headers=h) as resp:
+            return resp.status, CIMultiDict(resp.headers), await resp.read()
+
+    async def set_mode(self, mode: str) -> None:
+        async with self.session.put(self.admin + "/admin/mode", json={"mode": mode},
+                                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 200, await r.text()
+
+
+@contextlib.asynccontextmanager
+async def start_proxy(config_path: Path, env: Environment, up: Upstream
+                      ) -> AsyncIterator[Proxy]:
+    cfg = load_config(config_path, env)
+    async with Runtime.open(cfg, env) as rt:
+        serving = await serve(rt)
+        try:
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
+                yield Proxy(cfg, rt, serving, session, up)
+        finally:
+            await serving.close()
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path, upstream: Upstream
+               ) -> Callable[..., contextlib.AbstractAsyncContextManager[Proxy]]:
+    def factory(patch: Callable[[dict[str, Any]], None] = lambda d: None,
+                **env_extra: str) -> contextlib.AbstractAsyncContextManager[Proxy]:
+        path = write_config(tmp_path, patch)
+        return start_proxy(path, clinic_env(upstream.url, tmp_path, **env_extra), upstream)
+    return factory
+
+
+@pytest.fixture
+async def proxy(make_proxy: Callable[..., Any]) -> AsyncIterator[Proxy]:
+    async with make_proxy() as p:
+        yield p
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

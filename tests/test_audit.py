@@ -1,0 +1,175 @@
+"""Audit chain over real traffic: commit-before-forward, verify, tamper, privacy, outage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Proxy
+
+PHI = "PHI-NOTES-7f3a91"
+SMS_TEXT = "SMS-SECRET-55c2"
+
+
+def run_cli(*args: str, audit_path: Path,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CASF_AUDIT_PATH": str(audit_path), "CLINIC_UPSTREAM": "http://x:1"}
+    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=60)
+
+
+async def traffic(p: Proxy) -> None:
+    await p.call("GET", "/appointments")
+    await p.call("POST", "/appointments",
+                 json={"patient_id": "p1", "slot": "s", "notes": PHI}, rid="a1")
+    await p.call("POST", "/appointments",
+                 json={"patient_id": "p1", "slot": "s", "notes": PHI}, rid="a1")
+    await p.call("POST", "/sms", key="nurse", json={"patient_id": "p1", "message": SMS_TEXT},
+                 rid="a2")
+    await p.call("GET", "/patients/p1/history", key="receptionist")
+    await p.call("GET", "/nope", key=None)
+
+
+def rows(db: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    out = [dict(r) for r in conn.execute("SELECT * FROM audit_events ORDER BY seq")]
+    conn.close()
+    return out
+
+
+async def test_every_forward_has_a_prior_decision_record(proxy: Proxy, tmp_path: Path) -> None:
+    await traffic(proxy)
+    records = rows(tmp_path / "audit.db")
+    forwarded = [s.headers["X-Request-Id"] for s in proxy.upstream.seen]
+    assert len(forwarded) == 3
+    for rid in forwarded:
+        mine = [r for r in records if r["request_id"] == rid]
+        decisions = [r for r in mine if r["kind"] == "decision" and r["decision"] == "ALLOW"]
+        outcomes = [r for r in mine if r["kind"] == "outcome"]
+        assert len(decisions) == 1 and len(outcomes) == 1
+        assert decisions[0]["seq"] < outcomes[0]["seq"]
+        assert json.loads(outcomes[0]["extra"])["response_sha256"]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("replay") == 1
+    denies = [r for r in records if r["decision"] == "DENY"]
+    assert {json.loads(r["reason_codes"])[0] for r in denies} == {"Role_NotPermitted",
+                                                                  "Route_NotMapped"}
+
+
+async def test_chain_verifies_and_tampering_is_named(proxy: Proxy, tmp_path: Path) -> None:
+    await traffic(proxy)
+    cfg = str(proxy.cfg.source)
+    db = tmp_path / "audit.db"
+    ok = run_cli("audit", "verify", "-c", cfg, audit_path=db)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok chain 'clinic-0'" in ok.stdout
+
+    target = rows(db)[3]
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE audit_events SET decision = 'ALLOW', status = 200 WHERE seq = ?",
+                 (target["seq"],))
+    conn.commit()
+    conn.close()
+    bad = run_cli("audit", "verify", "-c", cfg, audit_path=db)
+    assert bad.returncode == 1
+    assert f"seq {target['seq']} (event {target['event_id']})" in bad.stdout
+    assert "modified" in bad.stdout
+
+
+async def test_deleted_record_is_named(proxy: Proxy, tmp_path: Path) -> None:
+    await traffic(proxy)
+    db = tmp_path / "audit.db"
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM audit_events WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    bad = run_cli("audit", "verify", "-c", str(proxy.cfg.source), audit_path=db)
+    assert bad.returncode == 1
+    assert "expected seq 2, found 3" in bad.stdout
+
+
+async def test_verify_missing_store_is_exit_2(tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path, lambda d: None)
+    res = run_cli("audit", "verify", "-c", str(cfg), audit_path=tmp_path / "absent.db")
+    assert res.returncode == 2
+
+
+async def test_no_body_value_or_credential_in_audit_or_logs(
+        proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await traffic(proxy)
+    await proxy.call("GET", "/appointments", key="demo-wrong-key-value")
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    logs = caplog.text
+    for secret in (PHI, SMS_TEXT, "demo-receptionist", "demo-nurse", "demo-wrong-key-value"):
+        assert secret.encode() not in raw, secret
+        assert secret not in logs, secret
+    # the hashed attribute is present as a digest, and body digests are recorded
+    assert b"sha256:" in raw
+    assert any(r["body_sha256"] for r in rows(tmp_path / "audit.db"))
+
+
+async def test_audit_outage_refuses_and_recovers(make_proxy: Any, tmp_path: Path) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["audit"]["timeout_ms"] = 300
+
+    async with make_proxy(patch) as p:
+        assert (await p.call("GET", "/appointments"))[0] == 200
+        before = len(p.upstream.seen)
+        # another process holds the database's write lock: commits cannot happen
+        locker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            for method, path, payload, rid in (
+                    ("GET", "/appointments", None, None),
+                    ("POST", "/appointments", {"patient_id": "p1", "slot": "a"}, "out-1")):
+                status, hdrs, raw = await p.call(method, path, json=payload, rid=rid)
+                assert status == 503
+                env = json.loads(raw)
+                assert env["reason_codes"] == ["FAIL_CLOSED", "Audit_Unavailable"]
+                assert hdrs["Retry-After"]
+            assert len(p.upstream.seen) == before
+            async with p.session.get(p.admin + "/healthz") as r:
+                assert r.status == 503
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        # recovery without restart; the claim was released, so the same key proceeds
+        status, _, _ = await p.call("POST", "/appointments",
+                                    json={"patient_id": "p1", "slot": "a"}, rid="out-1")
+        assert status == 201
+        text = await (await p.session.get(p.admin + "/metrics")).text()
+        assert 'casf_fail_closed_total{trigger="audit"}' in text
+    res = run_cli("audit", "verify", "-c", str(tmp_path / "casf.yaml"),
+                  audit_path=tmp_path / "audit.db")
+    assert res.returncode == 0, res.stdout
+
+
+async def test_chain_resumes_after_restart(make_proxy: Any, tmp_path: Path) -> None:
+    async with make_proxy() as p:
+        await p.call("GET", "/appointments")
+    async with make_proxy() as p:
+        await p.call("GET", "/appointments")
+    seqs = [r["seq"] for r in rows(tmp_path / "audit.db")]
+    assert seqs == [1, 2, 3, 4]
+    res = run_cli("audit", "verify", "-c", str(tmp_path / "casf.yaml"),
+                  audit_path=tmp_path / "audit.db")
+    assert res.returncode == 0
+
+
+async def test_mode_change_is_audited(proxy: Proxy, tmp_path: Path) -> None:
+    await proxy.set_mode("READ_ONLY")
+    rec = [r for r in rows(tmp_path / "audit.db") if r["tool"] == "casf.admin.set_mode"]
+    assert len(rec) == 1
+    assert json.loads(rec[0]["attrs"])["args"] == {"from": "ALLOW", "to": "READ_ONLY"}

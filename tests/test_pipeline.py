@@ -1,0 +1,535 @@
+"""Every status and reason code reachable on embedded defaults, over real sockets.
+
+Each deny also asserts that the upstream received nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Proxy
+
+Patch = Any
+
+
+def body(raw: bytes) -> dict[str, Any]:
+    return json.loads(raw)
+
+
+def assert_envelope(raw: bytes, status: int, *codes: str, decision: str = "DENY") -> dict[str, Any]:
+    env = body(raw)
+    assert set(env) == {"decision", "status", "reason_codes", "message", "tool", "request_id",
+                        "trace_id", "policy_hash"}
+    assert env["decision"] == decision
+    assert env["status"] == status
+    for code in codes:
+        assert code in env["reason_codes"], env
+    assert env["policy_hash"].startswith("sha256:")
+    return env
+
+
+# (name, method, path, key, json body, extra headers, rid, status, codes)
+DENIES = [
+    ("unmapped path", "GET", "/admin", "receptionist", None, {}, None, 403, ["Route_NotMapped"]),
+    ("unmapped method", "PUT", "/appointments", "receptionist", None, {}, None, 403,
+     ["Route_NotMapped"]),
+    ("trailing slash is another path", "GET", "/appointments/", "receptionist", None, {}, None,
+     403, ["Route_NotMapped"]),
+    ("case-sensitive", "GET", "/Appointments", "receptionist", None, {}, None, 403,
+     ["Route_NotMapped"]),
+    ("dot-dot escapes route", "GET", "/patients/p1/history/../../admin", "doctor", None, {}, None,
+     403, ["Route_NotMapped"]),
+    ("encoded dot segment", "GET", "/patients/%2e%2e/history", "doctor", None, {}, None, 400,
+     ["BadRequest_MalformedPath"]),
+    ("encoded slash", "GET", "/patients/p1%2fx/history", "doctor", None, {}, None, 400,
+     ["BadRequest_MalformedPath"]),
+    ("encoded NUL", "GET", "/patients/p1%00/history", "doctor", None, {}, None, 400,
+     ["BadRequest_MalformedPath"]),
+    ("path parameter", "GET", "/appointments;jsessionid=1", "receptionist", None, {}, None, 400,
+     ["BadRequest_MalformedPath"]),
+    ("overlong utf-8", "GET", "/patients/%C0%AE%C0%AE/history", "doctor", None, {}, None, 400,
+     ["BadRequest_MalformedPath"]),
+    ("method override", "GET", "/appointments", "receptionist", None,
+     {"X-HTTP-Method-Override": "DELETE"}, None, 400, ["BadRequest_Ambiguous"]),
+    ("repeated query attribute", "GET", "/appointments?patient_id=p1&patient_id=p2",
+     "receptionist", None, {}, None, 400, ["BadRequest_Ambiguous"]),
+    ("no credentials", "GET", "/appointments", None, None, {}, None, 401, ["Auth_Missing"]),
+    ("unknown key", "GET", "/appointments", "demo-nobody", None, {}, None, 401, ["Auth_Invalid"]),
+    ("missing request id", "POST", "/appointments", "receptionist",
+     {"patient_id": "p1", "slot": "s"}, {}, None, 400, ["BadRequest_MissingRequestId"]),
+    ("request id too long", "POST", "/appointments", "receptionist",
+     {"patient_id": "p1", "slot": "s"}, {}, "x" * 256, 400, ["BadRequest_InvalidRequestId"]),
+    ("missing patient", "POST", "/appointments", "receptionist", {"slot": "s"}, {}, "r-1", 400,
+     ["BadRequest_MissingPatientId"]),
+    ("empty patient", "POST", "/sms", "receptionist", {"patient_id": "", "message": "m"}, {},
+     "r-2", 400, ["BadRequest_MissingPatientId"]),
+    ("role not permitted (policy)", "POST", "/invoices", "nurse",
+     {"patient_id": "p1", "amount_cents": 100}, {}, "r-3", 403, ["Role_NotPermitted"]),
+    ("history needs clinical role", "GET", "/patients/p1/history", "receptionist", None, {},
+     None, 403, ["Role_NotPermitted"]),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "key", "payload", "headers", "rid",
+                          "status", "codes"), DENIES, ids=[d[0] for d in DENIES])
+async def test_deny_table(proxy: Proxy, name: str, method: str, path: str, key: str | None,
+                          payload: Any, headers: dict[str, str], rid: str | None, status: int,
+                          codes: list[str]) -> None:
+    got, hdrs, raw = await proxy.call(method, path, key=key, json=payload, headers=headers,
+                                      rid=rid)
+    assert got == status, raw
+    env = assert_envelope(raw, status, *codes)
+    assert hdrs["Content-Type"].startswith("application/json")
+    assert hdrs["X-Casf-Trace-Id"] == env["trace_id"]
+    assert proxy.upstream.seen == []
+    if status == 401:
+        assert "WWW-Authenticate" in hdrs
+
+
+ALLOWS = [
+    ("list appointments", "GET", "/appointments", "receptionist", None, None, 200),
+    ("list with patient filter", "GET", "/appointments?patient_id=p1", "nurse", None, None, 200),
+    ("history by doctor", "GET", "/patients/p1/history", "doctor", None, None, 200),
+    ("create appointment", "POST", "/appointments", "receptionist",
+     {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}, "c-1", 201),
+    ("cancel appointment", "DELETE", "/appointments/a-1", "doctor", None, "d-1", 200),
+    ("send sms", "POST", "/sms", "nurse", {"patient_id": "p9", "message": "hello"}, "s-1", 201),
+    ("invoice by billing", "POST", "/invoices", "billing",
+     {"patient_id": "p1", "amount_cents": 1200}, "i-1", 201),
+    ("dot segments normalised", "GET", "/patients/./p1//history", "doctor", None, None, 200),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "key", "payload", "rid", "status"), ALLOWS,
+                         ids=[a[0] for a in ALLOWS])
+async def test_allow_table(proxy: Proxy, name: str, method: str, path: str, key: str,
+                           payload: Any, rid: str | None, status: int) -> None:
+    got, hdrs, raw = await proxy.call(method, path, key=key, json=payload, rid=rid)
+    assert got == status, raw
+    assert len(proxy.upstream.seen) == 1
+    seen = proxy.upstream.seen[0]
+    assert seen.method == method
+    # the upstream sees the normalised path the policy decided on
+    assert "//" not in seen.path_qs and "/./" not in seen.path_qs
+    assert "X-API-Key" not in seen.headers
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
+    assert "traceparent" in seen.headers
+    assert hdrs["X-Casf-Trace-Id"]
+
+
+async def test_body_over_limit_is_413_without_reaching_upstream(proxy: Proxy) -> None:
+    big = {"patient_id": "p1", "slot": "s", "notes": "x" * 70_000}
+    status, _, raw = await proxy.call("POST", "/appointments", json=big, rid="big-1")
+    assert status == 413
+    assert_envelope(raw, 413, "Request_TooLarge")
+    assert proxy.upstream.seen == []
+
+
+async def test_chunked_body_over_limit_is_413(proxy: Proxy) -> None:
+    async def gen() -> Any:
+        for _ in range(20):
+            yield b"x" * 8192
+
+    async with proxy.session.post(proxy.url + "/appointments", data=gen(),
+                                  headers={"X-API-Key": "demo-receptionist",
+                                           "Idempotency-Key": "chunk-1"}) as resp:
+        assert resp.status == 413
+    assert proxy.upstream.seen == []
+
+
+async def test_invalid_json_is_400(proxy: Proxy) -> None:
+    status, _, raw = await proxy.call("POST", "/appointments", data=b"{not json",
+                                      headers={"Content-Type": "application/json"}, rid="j-1")
+    assert status == 400
+    assert_envelope(raw, 400, "BadRequest_InvalidJson")
+    assert proxy.upstream.seen == []
+
+
+async def test_slow_body_times_out(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["limits"]["body_read_timeout_ms"] = 300
+
+    async with make_proxy(patch) as p:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.serving.traffic_port)
+        writer.write(b"POST /appointments HTTP/1.1\r\nHost: x\r\nX-API-Key: demo-receptionist\r\n"
+                     b"Idempotency-Key: slow-1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"patient_id\":")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"BadRequest_BodyTimeout" in head
+        assert p.upstream.seen == []
+
+
+# ------------------------------------------------------------ anti-replay
+
+
+async def test_replay_returns_stored_outcome(proxy: Proxy) -> None:
+    payload = {"patient_id": "p1", "slot": "s1"}
+    s1, h1, b1 = await proxy.call("POST", "/appointments", json=payload, rid="rep-1")
+    s2, h2, b2 = await proxy.call("POST", "/appointments", json=payload, rid="rep-1")
+    assert (s1, s2) == (201, 201)
+    assert b1 == b2
+    assert h2["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in h1
+    assert "Set-Cookie" not in h2  # only safe headers are stored
+    assert h2["ETag"] == h1["ETag"]
+    assert len(proxy.upstream.seen) == 1
+
+
+async def test_same_key_other_payload_is_409_mismatch(proxy: Proxy) -> None:
+    await proxy.call("POST", "/appointments", json={"patient_id": "p1", "slot": "a"}, rid="mm")
+    status, _, raw = await proxy.call("POST", "/appointments",
+                                      json={"patient_id": "p1", "slot": "b"}, rid="mm")
+    assert status == 409
+    assert_envelope(raw, 409, "Inv_ReplayPayloadMismatch")
+    assert len(proxy.upstream.seen) == 1
+
+
+async def test_key_order_does_not_change_fingerprint(proxy: Proxy) -> None:
+    a = b'{"patient_id": "p1", "slot": "a"}'
+    b = b'{"slot":"a","patient_id":"p1"}'
+    h = {"Content-Type": "application/json"}
+    s1, _, _ = await proxy.call("POST", "/appointments", data=a, headers=h, rid="order")
+    s2, h2, _ = await proxy.call("POST", "/appointments", data=b, headers=h, rid="order")
+    assert (s1, s2) == (201, 201)
+    assert h2.get("Idempotent-Replayed") == "true"
+
+
+async def test_keys_are_scoped_by_principal(proxy: Proxy) -> None:
+    payload = {"patient_id": "p1", "slot": "a"}
+    s1, _, _ = await proxy.call("POST", "/appointments", json=payload, rid="shared")
+    s2, h2, _ = await proxy.call("POST", "/appointments", key="doctor", json=payload,
+                                 rid="shared")
+    assert (s1, s2) == (201, 201)
+    assert "Idempotent-Replayed" not in h2
+    assert len(proxy.upstream.seen) == 2
+
+
+async def test_concurrent_same_key_is_409_in_flight(proxy: Proxy) -> None:
+    proxy.upstream.delay_s = 0.5
+    payload = {"patient_id": "p1", "slot": "a"}
+    first = asyncio.ensure_future(proxy.call("POST", "/appointments", json=payload, rid="cc"))
+    await asyncio.sleep(0.2)
+    status, _, raw = await proxy.call("POST", "/appointments", json=payload, rid="cc")
+    assert status == 409
+    assert_envelope(raw, 409, "Inv_ReplayConcurrent")
+    assert (await first)[0] == 201
+    assert len(proxy.upstream.seen) == 1
+
+
+async def test_fifty_concurrent_same_key_reach_upstream_once(proxy: Proxy) -> None:
+    proxy.upstream.delay_s = 0.05
+    payload = {"patient_id": "p1", "slot": "a"}
+    results = await asyncio.gather(*(proxy.call("POST", "/appointments", json=payload,
+                                                rid="fifty") for _ in range(50)))
+    statuses = [r[0] for r in results]
+    assert len(proxy.upstream.seen) == 1
+    assert statuses.count(201) >= 1
+    assert set(statuses) <= {201, 409}
+
+
+async def test_denied_request_releases_claim(proxy: Proxy) -> None:
+    payload = {"patient_id": "p1", "amount_cents": 5}
+    status, _, _ = await proxy.call("POST", "/invoices", key="billing", json=payload,
+                                    rid="rel", headers={"X-HTTP-Method-Override": "PUT"})
+    assert status == 400
+    await proxy.set_mode("READ_ONLY")
+    status, _, _ = await proxy.call("POST", "/invoices", key="billing", json=payload, rid="rel")
+    assert status == 403
+    await proxy.set_mode("ALLOW")
+    status, hdrs, _ = await proxy.call("POST", "/invoices", key="billing", json=payload,
+                                       rid="rel")
+    assert status == 201
+    assert "Idempotent-Replayed" not in hdrs
+    assert len(proxy.upstream.seen) == 1
+
+
+async def test_upstream_5xx_is_stored_and_replayed(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"].append({"method": "POST", "path": "/status/{code}", "tool": "t.status",
+                            "effect": "write"})
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        s1, _, _ = await p.call("POST", "/status/500", rid="five")
+        s2, h2, _ = await p.call("POST", "/status/500", rid="five")
+        assert (s1, s2) == (500, 500)
+        assert h2["Idempotent-Replayed"] == "true"
+        assert len(p.upstream.seen) == 1
+
+
+async def test_large_outcome_replays_without_body(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["replay"]["max_stored_body_bytes"] = 1000
+        d["routes"].append({"method": "POST", "path": "/big", "tool": "t.big", "effect": "write"})
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        s1, _, b1 = await p.call("POST", "/big", rid="big")
+        s2, h2, b2 = await p.call("POST", "/big", rid="big")
+        assert (s1, s2) == (200, 200)
+        assert len(b1) == 200_000
+        assert b2 == b""
+        assert h2["X-Casf-Replay-Body"] == "omitted"
+        assert len(p.upstream.seen) == 1
+
+
+# ------------------------------------------------------------ modes
+
+
+async def test_read_only_denies_writes_allows_reads(proxy: Proxy) -> None:
+    await proxy.set_mode("READ_ONLY")
+    status, _, raw = await proxy.call("POST", "/appointments",
+                                      json={"patient_id": "p1", "slot": "a"}, rid="ro")
+    assert status == 403
+    assert_envelope(raw, 403, "Mode_ReadOnly_NoWrite")
+    assert proxy.upstream.seen == []
+    status, _, _ = await proxy.call("GET", "/appointments")
+    assert status == 200
+
+
+async def test_kill_switch_denies_everything(proxy: Proxy) -> None:
+    await proxy.set_mode("KILL_SWITCH")
+    status, _, raw = await proxy.call("GET", "/appointments")
+    assert status == 403
+    assert_envelope(raw, 403, "Mode_KillSwitch")
+    assert proxy.upstream.seen == []
+
+
+async def test_kill_switch_exempt_route(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][0]["allow_in_kill_switch"] = True
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        await p.set_mode("KILL_SWITCH")
+        assert (await p.call("GET", "/appointments"))[0] == 200
+        assert (await p.call("GET", "/patients/p1/history"))[0] == 403
+
+
+async def test_step_up_needs_approval_for_writes(proxy: Proxy) -> None:
+    await proxy.set_mode("STEP_UP")
+    status, _, raw = await proxy.call("POST", "/appointments",
+                                      json={"patient_id": "p1", "slot": "a"}, rid="su")
+    assert status == 403
+    assert_envelope(raw, 403, "Approval_Required", decision="NEEDS_APPROVAL")
+    assert proxy.upstream.seen == []
+    assert (await proxy.call("GET", "/appointments"))[0] == 200
+
+
+async def test_mode_is_not_chosen_by_caller(proxy: Proxy) -> None:
+    await proxy.set_mode("READ_ONLY")
+    status, _, _ = await proxy.call("POST", "/appointments",
+                                    json={"patient_id": "p1", "slot": "a", "mode": "ALLOW"},
+                                    headers={"X-Casf-Mode": "ALLOW"}, rid="mode")
+    assert status == 403
+
+
+async def test_admin_api_requires_token(proxy: Proxy) -> None:
+    async with proxy.session.put(proxy.admin + "/admin/mode", json={"mode": "KILL_SWITCH"},
+                                 headers={"Authorization": "Bearer wrong"}) as r:
+        assert r.status == 401
+    async with proxy.session.get(proxy.admin + "/admin/mode") as r:
+        assert r.status == 401
+    async with proxy.session.put(proxy.admin + "/admin/mode", json={"mode": "SIDEWAYS"},
+                                 headers={"Authorization": "Bearer test-admin-token"}) as r:
+        assert r.status == 400
+    assert proxy.rt.mode.current().value == "ALLOW"
+
+
+async def test_admin_api_disabled_without_token(make_proxy: Any) -> None:
+    async with make_proxy(CASF_ADMIN_TOKEN="") as p:
+        async with p.session.put(p.admin + "/admin/mode", json={"mode": "READ_ONLY"}) as r:
+            assert r.status == 404
+
+
+# ------------------------------------------------------------ tenant, rate limit
+
+
+async def test_tenant_mismatch(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        route = d["routes"][3]  # GET /patients/{patient_id}/history
+        route["attributes"]["context.resource_tenant"] = {"from": "query", "name": "tenant"}
+        route["resource_tenant"] = "context.resource_tenant"
+
+    async with make_proxy(patch) as p:
+        status, _, raw = await p.call("GET", "/patients/p1/history?tenant=t2", key="doctor")
+        assert status == 403
+        assert_envelope(raw, 403, "Tenant_Mismatch")
+        assert p.upstream.seen == []
+        assert (await p.call("GET", "/patients/p1/history?tenant=t1", key="doctor"))[0] == 200
+
+
+async def test_sms_rate_limit(proxy: Proxy) -> None:
+    sms = {"patient_id": "p1", "message": "reminder"}
+    assert (await proxy.call("POST", "/sms", json=sms, rid="sms-1"))[0] == 201
+    status, hdrs, raw = await proxy.call("POST", "/sms", json=sms, rid="sms-2")
+    assert status == 429
+    assert_envelope(raw, 429, "RateLimit_Exceeded")
+    assert 3590 <= int(hdrs["Retry-After"]) <= 3600
+    other = {"patient_id": "p2", "message": "reminder"}
+    assert (await proxy.call("POST", "/sms", json=other, rid="sms-3"))[0] == 201
+    assert len(proxy.upstream.seen) == 2
+
+
+async def test_rate_limit_exact_under_concurrency(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["rate_limits"] = [{"name": "five", "tools": ["cliniccloud.create_appointment"],
+                             "key": "{principal.id}", "limit": 5, "window_seconds": 60}]
+
+    async with make_proxy(patch) as p:
+        results = await asyncio.gather(*(
+            p.call("POST", "/appointments", json={"patient_id": "p1", "slot": str(i)},
+                   rid=f"rl-{i}") for i in range(200)))
+        statuses = [r[0] for r in results]
+        assert statuses.count(201) == 5
+        assert statuses.count(429) == 195
+        assert len(p.upstream.seen) == 5
+
+
+# ------------------------------------------------------------ policy failure modes
+
+
+@pytest.mark.parametrize(("fixture", "code"), [("bad_result", "Policy_BadResult"),
+                                               ("eval_error", "Policy_EvalError")])
+async def test_broken_policy_denies(make_proxy: Any, fixture: str, code: str) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / fixture)
+
+    async with make_proxy(patch) as p:
+        for method, path, payload, rid in (("GET", "/appointments", None, None),
+                                           ("POST", "/appointments",
+                                            {"patient_id": "p1", "slot": "a"}, "pb")):
+            status, _, raw = await p.call(method, path, json=payload, rid=rid)
+            assert status == 403
+            assert_envelope(raw, 403, code)
+        assert p.upstream.seen == []
+
+
+# ------------------------------------------------------------ shadow mode, passthrough
+
+
+async def test_shadow_mode_forwards_and_records(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][5]["enforce"] = False  # POST /invoices
+
+    async with make_proxy(patch) as p:
+        status, _, _ = await p.call("POST", "/invoices", key="nurse",
+                                    json={"patient_id": "p1", "amount_cents": 1}, rid="sh")
+        assert status == 201
+        assert len(p.upstream.seen) == 1
+        text = (await (await p.session.get(p.admin + "/metrics")).text())
+        assert "casf_shadow_denied_total 1.0" in text
+        # other routes still enforce
+        assert (await p.call("POST", "/appointments", key="nurse",
+                             json={"patient_id": "p1", "slot": "a"}, rid="sh2"))[0] == 403
+
+
+async def test_passthrough_prefix(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["unmatched"]["passthrough"] = ["/public/"]
+
+    async with make_proxy(patch) as p:
+        assert (await p.call("GET", "/public/logo.png", key=None))[0] == 200
+        assert (await p.call("GET", "/publicx", key=None))[0] == 403
+        assert p.upstream.paths() == ["/public/logo.png"]
+
+
+# ------------------------------------------------------------ forwarding
+
+
+async def test_upstream_down_is_502_and_releases_claim(make_proxy: Any, upstream: Any) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+
+    def patch(d: dict[str, Any]) -> None:
+        d["upstream"]["url"] = f"http://127.0.0.1:{dead}"
+
+    async with make_proxy(patch) as p:
+        payload = {"patient_id": "p1", "slot": "a"}
+        status, _, raw = await p.call("POST", "/appointments", json=payload, rid="down")
+        assert status == 502
+        assert_envelope(raw, 502, "Upstream_Unavailable")
+        # the claim was released: the same key is evaluated afresh, not 409
+        status, _, raw = await p.call("POST", "/appointments", json=payload, rid="down")
+        assert status == 502
+
+
+async def test_upstream_timeout_is_504(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["upstream"]["timeout_ms"] = 200
+
+    async with make_proxy(patch) as p:
+        p.upstream.delay_s = 1.0
+        status, _, raw = await p.call("GET", "/appointments")
+        assert status == 504
+        assert_envelope(raw, 504, "Upstream_Timeout")
+
+
+async def test_traceparent_propagated_and_used(proxy: Proxy) -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    status, hdrs, _ = await proxy.call("GET", "/appointments", headers={"traceparent": tp})
+    assert status == 200
+    assert hdrs["X-Casf-Trace-Id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert proxy.upstream.seen[0].headers["traceparent"] == tp
+    status, hdrs, raw = await proxy.call("GET", "/nope", headers={"traceparent": tp})
+    assert body(raw)["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_hop_by_hop_and_credentials_stripped(proxy: Proxy) -> None:
+    status, _, _ = await proxy.call("GET", "/appointments",
+                                    headers={"Connection": "keep-alive, X-Custom",
+                                             "X-Custom": "drop-me", "X-Keep": "yes",
+                                             "TE": "trailers"})
+    assert status == 200
+    seen = proxy.upstream.seen[0].headers
+    assert "X-Custom" not in seen and "TE" not in seen and "X-API-Key" not in seen
+    assert seen["X-Keep"] == "yes"
+    assert seen["X-Forwarded-Proto"] == "http"
+
+
+async def test_server_sent_events_stream_unbuffered(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"].append({"method": "GET", "path": "/events", "tool": "t.events",
+                            "effect": "read"})
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        loop = asyncio.get_running_loop()
+        async with p.session.get(p.url + "/events",
+                                 headers={"X-API-Key": "demo-nurse"}) as resp:
+            assert resp.status == 200
+            first = await resp.content.readline()
+            t_first = loop.time()
+            rest = await resp.content.read()
+            t_end = loop.time()
+        assert first.startswith(b"data: event 0")
+        assert b"event 2" in rest
+        assert t_end - t_first > 0.3  # the first event arrived before the stream ended
+
+
+async def test_unexpected_exception_is_500_envelope_and_never_forwards(proxy: Proxy) -> None:
+    class Exploding:
+        name = "exploding"
+
+        async def check(self, ex: Any) -> None:
+            raise RuntimeError("boom with secret body value")
+
+    proxy.rt.pipeline.stages.insert(0, Exploding())
+    status, _, raw = await proxy.call("POST", "/appointments",
+                                      json={"patient_id": "p1", "slot": "a"}, rid="boom")
+    assert status == 500
+    env = assert_envelope(raw, 500, "Internal_Error")
+    assert "boom" not in raw.decode()
+    assert env["decision"] == "DENY"
+    assert proxy.upstream.seen == []

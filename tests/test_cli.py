@@ -138,3 +138,11 @@ def test_policy_test_v0_needs_flag() -> None:
 
 def test_policy_test_missing_dir_is_exit_2() -> None:
     assert cli("policy", "test", "/nonexistent-dir").returncode == 2
+
+
+def test_starter_config_and_policy_are_valid() -> None:
+    root = CLINIC.parent.parent
+    res = cli("validate", "-c", str(root / "config" / "casf.yaml"))
+    assert res.returncode == 0, res.stderr
+    res = cli("policy", "test", str(root / "policies"))
+    assert res.returncode == 0, res.stdout

@@ -13,7 +13,6 @@ import contextlib
 import hmac
 import logging
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +151,7 @@ class Runtime:
                 status=400)
         old = self.mode.current()
         record: dict[str, Any] = {
-            "event_id": uuid.uuid4().hex, "ts": now_iso(), "kind": "decision",
+            "event_id": self.pipeline.event_ids.next(), "ts": now_iso(), "kind": "decision",
             "request_id": request.headers.get("X-Request-Id"), "trace_id": None,
             "actor": "admin", "role": "admin", "tenant": None, "tool": "casf.admin.set_mode",
             "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": "ALLOW",

@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.audit.records import base_record
+from proxy.audit.records import EventIds, base_record
 from proxy.config import Config
 from proxy.envelope import envelope_response
 from proxy.forward import downstream_headers, replay_headers, upstream_request_headers
@@ -70,6 +70,7 @@ class Pipeline:
         self.session = session
         self.consumed = consumed_headers
         self.base_url = cfg.upstream.url
+        self.event_ids = EventIds()
 
     # ------------------------------------------------------------ entry
 
@@ -183,7 +184,7 @@ class Pipeline:
     async def _record(self, ex: Exchange, kind: str, decision: str, status: int,
                       reasons: tuple[str, ...], **extra: Any) -> None:
         record = base_record(ex, kind, decision, status, reasons, self.policy_hash,
-                             self.cfg.audit.redact)
+                             self.cfg.audit.redact, self.event_ids.next())
         record.update(extra)
         try:
             await self.audit.append(record)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,8 +18,42 @@ FIELDS = ("chain_id", "seq", "event_id", "ts", "kind", "request_id", "trace_id",
           "reason_codes", "policy_hash", "body_sha256", "attrs", "prev_hash", "hash")
 
 
+class _Clock:
+    """RFC 3339 UTC timestamps with microseconds; the seconds part is cached."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
+
+
+class EventIds:
+    """Unique event ids: a random per-process prefix and a counter (no syscall per id)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_CLOCK = _Clock()
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _CLOCK.now()
 
 
 def redact_attrs(policy_input: Mapping[str, Any], redact: Mapping[str, str]) -> dict[str, Any]:
@@ -37,11 +73,11 @@ def redact_attrs(policy_input: Mapping[str, Any], redact: Mapping[str, str]) -> 
 
 def base_record(ex: Exchange, kind: str, decision: str, status: int,
                 reasons: Sequence[str], policy_hash: str,
-                redact: Mapping[str, str]) -> dict[str, Any]:
+                redact: Mapping[str, str], event_id: str) -> dict[str, Any]:
     p = ex.principal
     route = ex.route
     return {
-        "event_id": uuid.uuid4().hex,
+        "event_id": event_id,
         "ts": now_iso(),
         "kind": kind,
         "request_id": ex.request_id,

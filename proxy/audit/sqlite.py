@@ -170,7 +170,8 @@ class SqliteAuditSink:
         fut.add_done_callback(_consume)
         self._queue.put_nowait((record, fut))
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await fut
         except TimeoutError as exc:
             raise AuditUnavailable("audit commit timed out") from exc
 

@@ -33,6 +33,8 @@ class Metrics:
                                     ["kind"], registry=r)
         self.audit_errors = Counter("casf_audit_errors_total", "Audit appends that failed",
                                     registry=r)
+        for trigger in ("redis", "opa", "audit"):
+            self.fail_closed.labels(trigger)  # present (at 0) before the first event
         self.upstream_duration = Histogram("casf_upstream_duration_seconds",
                                            "Upstream time to response headers",
                                            buckets=_LATENCY_BUCKETS, registry=r)

@@ -62,7 +62,6 @@ class Exchange:
     policy_input: dict[str, Any] = field(default_factory=dict)
     mode: Mode = Mode.ALLOW
     request_id: str = ""
-    client_request_id: bool = False
     replay_key: str | None = None
     fingerprint: str | None = None
     claim: ClaimResult | None = None

@@ -37,6 +37,7 @@ from proxy.pathnorm import MalformedTarget, Target, split_target
 from proxy.ports import AuditSink, AuditUnavailable, IdempotencyStore, ModeStore, StoredOutcome
 from proxy.reasons import Reason
 from proxy.stages import Stage
+from proxy.stages.replay import client_request_id
 
 log = logging.getLogger("casf.access")
 errlog = logging.getLogger("casf.pipeline")
@@ -84,6 +85,10 @@ class Pipeline:
                       traceparent=traceparent, mode=self.mode.current())
         decision, status = "DENY", 500
         reasons: tuple[str, ...] = (Reason.INTERNAL_ERROR,)
+        # the caller's id when valid (validation errors are the replay stage's to report),
+        # else a generated one, so every envelope and record names the request
+        if not isinstance(client_request_id(ex, self.cfg.replay.request_id_headers), str):
+            ex.request_id = self.event_ids.next()
         try:
             response, decision, status, reasons = await self._run(request, ex)
             return response

@@ -148,6 +148,17 @@ class Proxy:
         async with self.session.request(method, url, json=json, data=data, headers=h) as resp:
             return resp.status, CIMultiDict(resp.headers), await resp.read()
 
+    async def metrics(self) -> str:
+        """/metrics once no request is in flight (counters are final then)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            async with self.session.get(self.admin + "/metrics") as r:
+                text = await r.text()
+            if "\ncasf_in_flight 0.0" in text or loop.time() > deadline:
+                return text
+            await asyncio.sleep(0.02)
+
     async def set_mode(self, mode: str) -> None:
         async with self.session.put(self.admin + "/admin/mode", json={"mode": mode},
                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:

@@ -149,8 +149,7 @@ async def test_audit_outage_refuses_and_recovers(make_proxy: Any, tmp_path: Path
         status, _, _ = await p.call("POST", "/appointments",
                                     json={"patient_id": "p1", "slot": "a"}, rid="out-1")
         assert status == 201
-        text = await (await p.session.get(p.admin + "/metrics")).text()
-        assert 'casf_fail_closed_total{trigger="audit"}' in text
+        assert 'casf_fail_closed_total{trigger="audit"} 2.0' in await p.metrics()
     res = run_cli("audit", "verify", "-c", str(tmp_path / "casf.yaml"),
                   audit_path=tmp_path / "audit.db")
     assert res.returncode == 0, res.stdout

@@ -59,6 +59,8 @@ DENIES = [
     ("repeated query attribute", "GET", "/appointments?patient_id=p1&patient_id=p2",
      "receptionist", None, {}, None, 400, ["BadRequest_Ambiguous"]),
     ("no credentials", "GET", "/appointments", None, None, {}, None, 401, ["Auth_Missing"]),
+    ("no credentials on a write", "POST", "/appointments", None, {"patient_id": "p1"}, {},
+     "w-401", 401, ["Auth_Missing"]),
     ("unknown key", "GET", "/appointments", "demo-nobody", None, {}, None, 401, ["Auth_Invalid"]),
     ("missing request id", "POST", "/appointments", "receptionist",
      {"patient_id": "p1", "slot": "s"}, {}, None, 400, ["BadRequest_MissingRequestId"]),
@@ -89,6 +91,8 @@ async def test_deny_table(proxy: Proxy, name: str, method: str, path: str, key: 
     assert proxy.upstream.seen == []
     if status == 401:
         assert "WWW-Authenticate" in hdrs
+    if rid is not None and len(rid) <= 255:
+        assert env["request_id"] == rid  # the caller's id, whichever stage denied
 
 
 ALLOWS = [
@@ -425,8 +429,7 @@ async def test_shadow_mode_forwards_and_records(make_proxy: Any) -> None:
                                     json={"patient_id": "p1", "amount_cents": 1}, rid="sh")
         assert status == 201
         assert len(p.upstream.seen) == 1
-        text = (await (await p.session.get(p.admin + "/metrics")).text())
-        assert "casf_shadow_denied_total 1.0" in text
+        assert "casf_shadow_denied_total 1.0" in await p.metrics()
         # other routes still enforce
         assert (await p.call("POST", "/appointments", key="nurse",
                              json={"patient_id": "p1", "slot": "a"}, rid="sh2"))[0] == 403
@@ -530,6 +533,36 @@ async def test_unexpected_exception_is_500_envelope_and_never_forwards(proxy: Pr
                                       json={"patient_id": "p1", "slot": "a"}, rid="boom")
     assert status == 500
     env = assert_envelope(raw, 500, "Internal_Error")
-    assert "boom" not in raw.decode()
+    assert "secret body value" not in raw.decode()
     assert env["decision"] == "DENY"
     assert proxy.upstream.seen == []
+    import sqlite3
+
+    conn = sqlite3.connect(proxy.cfg.audit.sqlite_path)
+    rows = conn.execute("SELECT decision, status, reason_codes FROM audit_events "
+                        "WHERE request_id = 'boom'").fetchall()
+    conn.close()
+    assert rows == [("DENY", 500, '["Internal_Error"]')]
+
+
+CONTRACT_METRICS = ["casf_requests_total", "casf_request_duration_seconds", "casf_in_flight",
+                    "casf_fail_closed_total", "casf_replay_hit_total",
+                    "casf_replay_mismatch_total", "casf_rate_limited_total",
+                    "casf_shadow_denied_total", "casf_audit_events_total",
+                    "casf_upstream_duration_seconds"]
+
+
+async def test_admin_endpoints_and_contract_metrics(proxy: Proxy) -> None:
+    await proxy.call("GET", "/appointments")
+    async with proxy.session.get(proxy.admin + "/health") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+    async with proxy.session.get(proxy.admin + "/healthz") as r:
+        body = await r.json()
+        assert r.status == 200 and body["checks"]["audit"] == "ok" and body["mode"] == "ALLOW"
+    text = await proxy.metrics()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+             if line and not line.startswith("#")}
+    for name in CONTRACT_METRICS:
+        assert any(n == name or n.startswith(name + "_") for n in names), name
+    assert 'casf_fail_closed_total{trigger="redis"} 0.0' in text
+    assert 'casf_requests_total{decision="ALLOW",tool="cliniccloud.list_appointments"} 1.0' in text

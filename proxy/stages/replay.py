@@ -10,7 +10,6 @@ reuse returns the stored outcome (a replay, not a deny).
 from __future__ import annotations
 
 import hashlib
-import uuid
 
 from proxy.canonical import canonical_body, fingerprint
 from proxy.config import ReplayConfig
@@ -43,6 +42,28 @@ def scoped_key(principal_id: str, request_id: str) -> str:
     return h.hexdigest()
 
 
+def client_request_id(ex: Exchange, headers: tuple[str, ...]) -> str | Verdict | None:
+    """The caller's request id from the first configured header present.
+
+    Returns ``None`` when none is sent, a 400 verdict when it is invalid or
+    repeated. A valid id is also stored on the exchange (``request_id``), so
+    every later envelope and audit record carries it.
+    """
+    for header in headers:
+        values = ex.headers.getall(header, [])
+        if not values:
+            continue
+        if len(values) > 1:
+            return Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,), f"{header} is repeated")
+        parsed = parse_request_id(values[0])
+        if parsed is None:
+            return Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,),
+                           f"{header} must be 1-{MAX_ID_LENGTH} printable characters")
+        ex.request_id = parsed
+        return parsed
+    return None
+
+
 class ReplayGuard:
     name = "replay"
 
@@ -53,35 +74,17 @@ class ReplayGuard:
         self.lease_s = lease_s
         self.metrics = metrics
 
-    def _request_id(self, ex: Exchange) -> str | Verdict | None:
-        for header in self.cfg.request_id_headers:
-            values = ex.headers.getall(header, [])
-            if not values:
-                continue
-            if len(values) > 1:
-                return Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,),
-                               f"{header} is repeated")
-            parsed = parse_request_id(values[0])
-            if parsed is None:
-                return Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,),
-                               f"{header} must be 1-{MAX_ID_LENGTH} printable characters")
-            return parsed
-        return None
-
     async def check(self, ex: Exchange) -> Verdict | None:
         route = ex.route
         assert route is not None and ex.principal is not None
-        rid = self._request_id(ex)
+        rid = client_request_id(ex, self.cfg.request_id_headers)
         if isinstance(rid, Verdict):
             return rid
         if rid is None:
-            ex.request_id = uuid.uuid4().hex
             if route.effect == "write":
                 return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
                                "write requests need an Idempotency-Key or X-Request-Id")
             return None
-        ex.request_id = rid
-        ex.client_request_id = True
         if route.effect != "write":
             return None
         ex.replay_key = scoped_key(ex.principal.id, rid)

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode
-from proxy.embedded.memory import MemoryIdempotencyStore, MemoryModeStore, MemoryRateLimiter
+from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
 from proxy.forward import new_session
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -32,12 +32,11 @@ from proxy.policy_regorus import RegorusEngine
 from proxy.ports import AuditSink, AuditUnavailable, ModeStore
 from proxy.settings import Environment
 from proxy.stages import Stage
+from proxy.stages.admission import AdmissionStage
 from proxy.stages.attributes import AttributeBuilder
 from proxy.stages.authenticate import ApiKeyAuthenticator
-from proxy.stages.invariants import Invariants
 from proxy.stages.policy import PolicyStage
-from proxy.stages.ratelimit import RateLimitStage
-from proxy.stages.replay import ReplayGuard
+from proxy.stages.ratelimit import RateRules
 
 log = logging.getLogger("casf")
 
@@ -70,20 +69,19 @@ class Runtime:
                                 timeout_s=cfg.audit.timeout_s)
         await audit.start()
         try:
-            idem = MemoryIdempotencyStore()
+            state = MemoryAdmissionStore()
             mode = MemoryModeStore(cfg.mode_default)
             assert cfg.identity.api_keys is not None
             auth = ApiKeyAuthenticator(cfg.identity.api_keys)
             stages: list[Stage] = [
                 auth,
                 AttributeBuilder(),
-                ReplayGuard(cfg.replay, idem, cfg.replay_lease_s, metrics),
-                Invariants(),
-                RateLimitStage(cfg.rate_limits, MemoryRateLimiter(), metrics),
+                AdmissionStage(cfg.replay, RateRules(cfg.rate_limits), state,
+                               cfg.replay_lease_s, metrics),
                 PolicyStage(engine),
             ]
             async with new_session(cfg.upstream) as session:
-                pipeline = Pipeline(cfg, stages, idempotency=idem, mode=mode, audit=audit,
+                pipeline = Pipeline(cfg, stages, state=state, mode=mode, audit=audit,
                                     policy_hash=engine.policy_hash, metrics=metrics,
                                     session=session, consumed_headers=(auth.header,))
                 yield cls(cfg, env, metrics, audit, mode, pipeline,

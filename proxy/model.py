@@ -9,7 +9,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.config import Mode, RouteConfig
 from proxy.pathnorm import Target
-from proxy.ports import ClaimResult, StoredOutcome
+from proxy.ports import Claim, StoredOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +62,7 @@ class Exchange:
     policy_input: dict[str, Any] = field(default_factory=dict)
     mode: Mode = Mode.ALLOW
     request_id: str = ""
-    replay_key: str | None = None
-    fingerprint: str | None = None
-    claim: ClaimResult | None = None
+    claim: Claim | None = None  # held by this request: complete or release it
     shadow: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # fail-open events on reads
 

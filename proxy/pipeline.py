@@ -4,7 +4,9 @@
     → 6 invariants → 7 rate limits → 8 policy → 9 audit (committed) → 10 forward
 
 :meth:`Pipeline.handle` reads top to bottom in that order. Stages 3-8 are
-:class:`~proxy.stages.Stage` objects in ``self.stages``; the first verdict
+:class:`~proxy.stages.Stage` objects in ``self.stages`` (5-7 are one
+admission stage: one atomic state call, answers reported in stage order,
+see ``proxy.stages.admission``); the first verdict
 stops the pipeline (unless the route is in shadow mode and the verdict is
 shadowable). :meth:`Pipeline._forward` is called from exactly one place: the
 ALLOW branch, after the decision record has been committed. Any unexpected
@@ -34,7 +36,7 @@ from proxy.forward import downstream_headers, replay_headers, upstream_request_h
 from proxy.metrics import Metrics
 from proxy.model import Exchange, Principal, Verdict
 from proxy.pathnorm import MalformedTarget, Target, split_target
-from proxy.ports import AuditSink, AuditUnavailable, IdempotencyStore, ModeStore, StoredOutcome
+from proxy.ports import AdmissionStore, AuditSink, AuditUnavailable, ModeStore, StoredOutcome
 from proxy.reasons import Reason
 from proxy.stages import Stage
 from proxy.stages.replay import client_request_id
@@ -58,12 +60,12 @@ def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, stages: list[Stage], *, idempotency: IdempotencyStore,
+    def __init__(self, cfg: Config, stages: list[Stage], *, state: AdmissionStore,
                  mode: ModeStore, audit: AuditSink, policy_hash: str, metrics: Metrics,
                  session: aiohttp.ClientSession, consumed_headers: tuple[str, ...]) -> None:
         self.cfg = cfg
         self.stages = stages
-        self.idempotency = idempotency
+        self.state = state
         self.mode = mode
         self.audit = audit
         self.policy_hash = policy_hash
@@ -199,10 +201,10 @@ class Pipeline:
         self.metrics.audit_events.labels(kind).inc()
 
     async def _release(self, ex: Exchange) -> None:
-        if ex.replay_key is not None and ex.fingerprint is not None:
-            key, ex.replay_key = ex.replay_key, None
+        if ex.claim is not None:
+            claim, ex.claim = ex.claim, None
             try:
-                await self.idempotency.release(key, ex.fingerprint)
+                await self.state.release(claim)
             except Exception:
                 errlog.warning("could not release idempotency claim (trace %s)", ex.trace_id)
 
@@ -302,7 +304,7 @@ class Pipeline:
             out.content_length = upstream.content_length
         out.headers["X-Casf-Trace-Id"] = ex.trace_id
         digest = hashlib.sha256()
-        keep = ex.replay_key is not None
+        keep = ex.claim is not None
         limit = self.cfg.replay.max_stored_body_bytes
         captured = bytearray()
         complete = True
@@ -330,12 +332,11 @@ class Pipeline:
             errlog.warning("upstream response broke off (trace %s)", ex.trace_id)
         finally:
             upstream.release()
-        if ex.replay_key is not None and ex.fingerprint is not None:
+        if ex.claim is not None:
             stored = StoredOutcome(upstream.status, replay_headers(upstream.headers),
                                    bytes(captured) if complete else b"", complete)
             try:
-                await self.idempotency.complete(ex.replay_key, ex.fingerprint, stored,
-                                                self.cfg.replay.ttl_s)
+                await self.state.complete(ex.claim, stored, self.cfg.replay.ttl_s)
             except Exception:
                 errlog.warning("could not store outcome for replay (trace %s)", ex.trace_id)
         latency = round((time.perf_counter() - started) * 1000, 3)

@@ -30,7 +30,7 @@ class AuditUnavailable(Exception):
     """The audit store could not durably commit a record."""
 
 
-# ------------------------------------------------------------ idempotency
+# ------------------------------------------------------------ admission state
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,35 +49,19 @@ class StoredOutcome:
 
 
 class ClaimState(Enum):
-    NEW = "new"  # claimed by this request; continue
+    NEW = "new"  # no earlier use of this key
     REPLAY = "replay"  # finished earlier with the same fingerprint
     IN_FLIGHT = "in_flight"  # same fingerprint, not finished yet
     MISMATCH = "mismatch"  # same key, different fingerprint
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimResult:
-    state: ClaimState
-    outcome: StoredOutcome | None = None
+class Claim:
+    """An idempotency key (already scoped by principal) and the request's fingerprint."""
 
-
-class IdempotencyStore(Protocol):
-    """Atomic claim/complete/release of request ids (IETF Idempotency-Key).
-
-    ``key`` is already scoped by principal. A claim that is neither completed
-    nor released expires after ``lease_s`` (a crashed holder never blocks the
-    key for the whole TTL); a completed outcome lives ``ttl_s``.
-    """
-
-    async def claim(self, key: str, fingerprint: str, lease_s: float) -> ClaimResult: ...
-
-    async def complete(self, key: str, fingerprint: str, outcome: StoredOutcome,
-                       ttl_s: float) -> None: ...
-
-    async def release(self, key: str, fingerprint: str) -> None: ...
-
-
-# ------------------------------------------------------------ rate limits
+    key: str
+    fingerprint: str
+    lease_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +74,46 @@ class RateCheck:
 
 
 @dataclass(frozen=True, slots=True)
-class RateResult:
-    allowed: bool
-    rule: str | None = None  # the first rule that refused
+class Admission:
+    """What the state store decided, in the contract's stage order.
+
+    ``claim_state`` is ``None`` when no claim was asked for. ``claimed`` is true
+    only when this request now holds the claim. ``refused_rule`` names the first
+    rate-limit rule that refused (nothing was consumed then).
+    """
+
+    claim_state: ClaimState | None
+    claimed: bool = False
+    outcome: StoredOutcome | None = None
+    refused_rule: str | None = None
     retry_after_s: float = 0.0
 
 
-class RateLimiter(Protocol):
-    """Consume all ``checks`` atomically, or none of them when one refuses."""
+class AdmissionStore(Protocol):
+    """Anti-replay claims and rate limits, decided atomically in one call.
 
-    async def consume(self, checks: Sequence[RateCheck]) -> RateResult: ...
+    ``admit`` does, as one atomic step (one Redis round trip):
+
+    1. when ``claim`` is given and its key exists: report REPLAY (with the
+       stored outcome), IN_FLIGHT or MISMATCH, and change nothing;
+    2. when ``proceed`` is false (an in-process invariant already denies):
+       report NEW and change nothing;
+    3. when any rate check would exceed its limit: report the first refusing
+       rule and change nothing;
+    4. otherwise consume every check and take the claim (if any) with a lease
+       of ``claim.lease_s``; a claim neither completed nor released expires
+       then, so a crashed holder never blocks the key for the whole TTL.
+
+    ``complete`` stores the upstream outcome for ``ttl_s``; ``release`` drops
+    an unfinished claim. Both act only when the fingerprint matches.
+    """
+
+    async def admit(self, claim: Claim | None, checks: Sequence[RateCheck],
+                    proceed: bool) -> Admission: ...
+
+    async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None: ...
+
+    async def release(self, claim: Claim) -> None: ...
 
 
 # ------------------------------------------------------------ mode

@@ -1,7 +1,8 @@
-"""In-memory idempotency store, GCRA rate limiter and mode store.
+"""Embedded (single-process) state: admission store and mode store.
 
-Used when ``REDIS_URL`` is not set. Single-process only: nothing is shared
-between replicas, which the proxy says at startup.
+Used when ``REDIS_URL`` is not set. Nothing is shared between replicas, which
+the proxy says at startup. Atomicity comes from the event loop: ``admit``
+never awaits, so no other request interleaves with it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.config import Mode
-from proxy.ports import ClaimResult, ClaimState, RateCheck, RateResult, StoredOutcome
+from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome
 
 Clock = Callable[[], float]
 
@@ -24,80 +25,83 @@ class _Entry:
     outcome: StoredOutcome | None = None
 
 
-class MemoryIdempotencyStore:
-    """Dict-backed claims; atomic because the event loop runs one coroutine at a time."""
+def gcra(tat: float | None, now: float, check: RateCheck) -> tuple[bool, float]:
+    """GCRA step: (allowed, new TAT or seconds to wait).
 
+    A limit of N per window W has emission interval T = W/N and allows a burst
+    of N; a request of cost c moves the theoretical arrival time (TAT) by c*T
+    and is refused when the TAT would run more than W ahead of now.
+    """
+    interval = check.window_s / check.limit
+    start = now if tat is None or tat < now else tat
+    new_tat = start + check.cost * interval
+    ahead = new_tat - now
+    if ahead > check.window_s + 1e-9:
+        return False, ahead - check.window_s
+    return True, new_tat
+
+
+class MemoryAdmissionStore:
     def __init__(self, clock: Clock = time.monotonic, max_entries: int = 1_000_000) -> None:
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._claims: OrderedDict[str, _Entry] = OrderedDict()
+        self._tat: dict[str, float] = {}
         self._clock = clock
         self._max = max_entries
 
     def _sweep(self, now: float) -> None:
-        # entries are appended in claim order; drop expired ones from the front
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if entry.expires > now and len(self._entries) <= self._max:
+        # claims are kept in claim/completion order; drop expired ones from the front
+        while self._claims:
+            key, entry = next(iter(self._claims.items()))
+            if entry.expires > now and len(self._claims) <= self._max:
                 break
-            del self._entries[key]
+            del self._claims[key]
+        if len(self._tat) > 100_000:
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
 
-    async def claim(self, key: str, fingerprint: str, lease_s: float) -> ClaimResult:
+    async def admit(self, claim: Claim | None, checks: Sequence[RateCheck],
+                    proceed: bool) -> Admission:
         now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires <= now:
-            del self._entries[key]
-            entry = None
-        if entry is None:
-            self._sweep(now)
-            self._entries[key] = _Entry(fingerprint, now + lease_s)
-            return ClaimResult(ClaimState.NEW)
-        if entry.fingerprint != fingerprint:
-            return ClaimResult(ClaimState.MISMATCH)
-        if entry.outcome is None:
-            return ClaimResult(ClaimState.IN_FLIGHT)
-        return ClaimResult(ClaimState.REPLAY, entry.outcome)
+        state: ClaimState | None = None
+        if claim is not None:
+            entry = self._claims.get(claim.key)
+            if entry is not None and entry.expires <= now:
+                del self._claims[claim.key]
+                entry = None
+            if entry is not None:
+                if entry.fingerprint != claim.fingerprint:
+                    return Admission(ClaimState.MISMATCH)
+                if entry.outcome is None:
+                    return Admission(ClaimState.IN_FLIGHT)
+                return Admission(ClaimState.REPLAY, outcome=entry.outcome)
+            state = ClaimState.NEW
+        if not proceed:
+            return Admission(state)
+        updates: list[tuple[str, float]] = []
+        for check in checks:
+            ok, value = gcra(self._tat.get(check.key), now, check)
+            if not ok:
+                return Admission(state, refused_rule=check.rule, retry_after_s=value)
+            updates.append((check.key, value))
+        for key, tat in updates:
+            self._tat[key] = tat
+        if claim is None:
+            return Admission(None)
+        self._sweep(now)
+        self._claims[claim.key] = _Entry(claim.fingerprint, now + claim.lease_s)
+        return Admission(ClaimState.NEW, claimed=True)
 
-    async def complete(self, key: str, fingerprint: str, outcome: StoredOutcome,
-                       ttl_s: float) -> None:
-        entry = self._entries.get(key)
-        if entry is None or entry.fingerprint != fingerprint:
+    async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None:
+        entry = self._claims.get(claim.key)
+        if entry is None or entry.fingerprint != claim.fingerprint:
             return
         entry.outcome = outcome
         entry.expires = self._clock() + ttl_s
-        self._entries.move_to_end(key)
+        self._claims.move_to_end(claim.key)
 
-    async def release(self, key: str, fingerprint: str) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.fingerprint == fingerprint and entry.outcome is None:
-            del self._entries[key]
-
-
-class MemoryRateLimiter:
-    """GCRA (generic cell rate algorithm) per key, all-or-nothing over the checks.
-
-    A limit of N per window W has emission interval T = W/N and lets a burst of
-    N through; a request of cost c advances the key's theoretical arrival time
-    (TAT) by c*T and is refused when TAT would exceed now + W.
-    """
-
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self._tat: dict[str, float] = {}
-        self._clock = clock
-
-    async def consume(self, checks: Sequence[RateCheck]) -> RateResult:
-        now = self._clock()
-        updates: list[tuple[str, float]] = []
-        for c in checks:
-            interval = c.window_s / c.limit
-            tat = max(self._tat.get(c.key, now), now)
-            new_tat = tat + c.cost * interval
-            if new_tat - now > c.window_s + 1e-9:
-                return RateResult(False, c.rule, new_tat - now - c.window_s)
-            updates.append((c.key, new_tat))
-        for key, tat in updates:
-            self._tat[key] = tat
-        if len(self._tat) > 100_000:
-            self._tat = {k: v for k, v in self._tat.items() if v > now}
-        return RateResult(True)
+    async def release(self, claim: Claim) -> None:
+        entry = self._claims.get(claim.key)
+        if entry is not None and entry.fingerprint == claim.fingerprint and entry.outcome is None:
+            del self._claims[claim.key]
 
 
 class MemoryModeStore:

@@ -1,21 +1,16 @@
-"""Anti-replay / idempotency (IETF "Idempotency-Key HTTP Header Field" draft).
+"""Anti-replay helpers (IETF "Idempotency-Key HTTP Header Field" draft), pure.
 
-Write routes require a request id (``Idempotency-Key``, else ``X-Request-Id``;
-configurable). The id is scoped by principal, the fingerprint covers tool,
-method, normalised path+query and the canonical body. Denies 400 when the id
-is missing or invalid, 409 on a concurrent or mismatched reuse; a finished
-reuse returns the stored outcome (a replay, not a deny).
+Request ids come from ``Idempotency-Key``, else ``X-Request-Id``
+(configurable); they are validated, scoped by principal, and paired with a
+fingerprint over tool, method, normalised path+query and the canonical body.
+The claim itself is taken by the admission stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from proxy.canonical import canonical_body, fingerprint
-from proxy.config import ReplayConfig
-from proxy.metrics import Metrics
 from proxy.model import Exchange, Verdict
-from proxy.ports import ClaimState, IdempotencyStore, StoreUnavailable
 from proxy.reasons import Reason
 
 MAX_ID_LENGTH = 255
@@ -62,56 +57,3 @@ def client_request_id(ex: Exchange, headers: tuple[str, ...]) -> str | Verdict |
         ex.request_id = parsed
         return parsed
     return None
-
-
-class ReplayGuard:
-    name = "replay"
-
-    def __init__(self, cfg: ReplayConfig, store: IdempotencyStore, lease_s: float,
-                 metrics: Metrics) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.lease_s = lease_s
-        self.metrics = metrics
-
-    async def check(self, ex: Exchange) -> Verdict | None:
-        route = ex.route
-        assert route is not None and ex.principal is not None
-        rid = client_request_id(ex, self.cfg.request_id_headers)
-        if isinstance(rid, Verdict):
-            return rid
-        if rid is None:
-            if route.effect == "write":
-                return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
-                               "write requests need an Idempotency-Key or X-Request-Id")
-            return None
-        if route.effect != "write":
-            return None
-        ex.replay_key = scoped_key(ex.principal.id, rid)
-        ex.fingerprint = fingerprint(route.tool, ex.method, ex.target.path_and_query,
-                                     canonical_body(ex.body, ex.headers.get("Content-Type")))
-        try:
-            claim = await self.store.claim(ex.replay_key, ex.fingerprint, self.lease_s)
-        except StoreUnavailable:
-            ex.replay_key = None
-            if route.fail_mode == "closed":
-                return Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.REPLAY_UNAVAILABLE),
-                               "replay protection is unavailable; write refused",
-                               fail_closed_trigger="redis")
-            ex.degraded.append(Reason.REPLAY_UNAVAILABLE)
-            return None
-        if claim.state is ClaimState.NEW:
-            ex.claim = claim
-            return None
-        ex.replay_key = None  # not ours: never release or complete it
-        if claim.state is ClaimState.REPLAY:
-            self.metrics.replay_hit.inc()
-            assert claim.outcome is not None
-            return Verdict("ALLOW", claim.outcome.status, (), "replayed outcome",
-                           shadowable=False, replay=claim.outcome)
-        if claim.state is ClaimState.IN_FLIGHT:
-            return Verdict("DENY", 409, (Reason.REPLAY_CONCURRENT,),
-                           "a request with this id is still being processed")
-        self.metrics.replay_mismatch.inc()
-        return Verdict("DENY", 409, (Reason.REPLAY_MISMATCH,),
-                       "this request id was used with a different payload")

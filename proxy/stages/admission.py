@@ -1,0 +1,103 @@
+"""Admission: anti-replay (5), invariants (6) and rate limits (7) in one state call.
+
+The three stages keep the contract's order in what they *report*: a replay
+answer (stored outcome, 409 in flight, 409 mismatch) comes first, then an
+invariant's 403, then a rate limit's 429. Because the invariants are pure,
+they are evaluated before the state store is asked, which lets the store do
+the claim and every rate-limit check atomically in one round trip without
+consuming anything for a request the invariants deny (see
+:class:`proxy.ports.AdmissionStore`).
+
+Denies: 400 when a write has no request id or an id is invalid; 409
+``Inv_ReplayConcurrent`` / ``Inv_ReplayPayloadMismatch``; 403 from the
+invariants; 429 ``RateLimit_Exceeded`` with ``Retry-After``; 503
+``FAIL_CLOSED`` + ``Inv_ReplayCheckUnavailable`` (or
+``Inv_RateLimitUnavailable`` when no claim was involved) when the store is
+unreachable on a fail-closed route.
+"""
+
+from __future__ import annotations
+
+import math
+
+from proxy.canonical import canonical_body, fingerprint
+from proxy.config import ReplayConfig
+from proxy.metrics import Metrics
+from proxy.model import Exchange, Verdict
+from proxy.ports import AdmissionStore, Claim, ClaimState, StoreUnavailable
+from proxy.reasons import Reason
+from proxy.stages.invariants import invariant_verdict
+from proxy.stages.ratelimit import RateRules
+from proxy.stages.replay import client_request_id, scoped_key
+
+
+class AdmissionStage:
+    name = "admission"
+
+    def __init__(self, replay: ReplayConfig, rules: RateRules, store: AdmissionStore,
+                 lease_s: float, metrics: Metrics) -> None:
+        self.replay = replay
+        self.rules = rules
+        self.store = store
+        self.lease_s = lease_s
+        self.metrics = metrics
+
+    async def check(self, ex: Exchange) -> Verdict | None:
+        route = ex.route
+        assert route is not None and ex.principal is not None
+        # 5. the request id (a claim is needed on write routes)
+        rid = client_request_id(ex, self.replay.request_id_headers)
+        if isinstance(rid, Verdict):
+            return rid
+        claim: Claim | None = None
+        if route.effect == "write":
+            if rid is None:
+                return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
+                               "write requests need an Idempotency-Key or X-Request-Id")
+            claim = Claim(scoped_key(ex.principal.id, rid),
+                          fingerprint(route.tool, ex.method, ex.target.path_and_query,
+                                      canonical_body(ex.body, ex.headers.get("Content-Type"))),
+                          self.lease_s)
+        # 6. invariants: decided now, reported after the replay answer
+        invariant = invariant_verdict(ex)
+        checks = self.rules.checks(ex)
+        if claim is None and not checks:
+            return invariant
+        proceed = invariant is None or not route.enforce
+        try:
+            admission = await self.store.admit(claim, checks, proceed)
+        except StoreUnavailable:
+            code = Reason.REPLAY_UNAVAILABLE if claim else Reason.RATE_LIMIT_UNAVAILABLE
+            if route.fail_mode == "closed":
+                return Verdict("DENY", 503, (Reason.FAIL_CLOSED, code),
+                               "replay protection or rate limiting is unavailable",
+                               fail_closed_trigger="redis")
+            ex.degraded.append(code)
+            return invariant
+        # 5. replay answers
+        state = admission.claim_state
+        if state is ClaimState.REPLAY:
+            assert admission.outcome is not None
+            self.metrics.replay_hit.inc()
+            return Verdict("ALLOW", admission.outcome.status, (), "replayed outcome",
+                           shadowable=False, replay=admission.outcome)
+        if state is ClaimState.IN_FLIGHT:
+            return Verdict("DENY", 409, (Reason.REPLAY_CONCURRENT,),
+                           "a request with this id is still being processed")
+        if state is ClaimState.MISMATCH:
+            self.metrics.replay_mismatch.inc()
+            return Verdict("DENY", 409, (Reason.REPLAY_MISMATCH,),
+                           "this request id was used with a different payload")
+        if admission.claimed:
+            ex.claim = claim
+        # 6.
+        if invariant is not None:
+            return invariant
+        # 7. rate limits
+        if admission.refused_rule is not None:
+            self.metrics.rate_limited.inc()
+            retry = max(1, math.ceil(admission.retry_after_s))
+            return Verdict("DENY", 429, (Reason.RATE_LIMITED,),
+                           f"rate limit {admission.refused_rule} exceeded",
+                           (("Retry-After", str(retry)),))
+        return None

@@ -29,7 +29,9 @@ from proxy.forward import new_session
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.policy_regorus import RegorusEngine
-from proxy.ports import AuditSink, AuditUnavailable, ModeStore
+from proxy.ports import AdmissionStore, AuditSink, AuditUnavailable, ModeStore, StoreUnavailable
+from proxy.reasons import Reason
+from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisModeStore, RedisSettings
 from proxy.settings import Environment
 from proxy.stages import Stage
 from proxy.stages.admission import AdmissionStage
@@ -50,27 +52,46 @@ class Runtime:
     mode: ModeStore
     pipeline: Pipeline
     backends: dict[str, str] = field(default_factory=dict)
+    redis: RedisConnection | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, cfg: Config, env: Environment) -> AsyncIterator[Runtime]:
         metrics = Metrics()
-        if env.redis_url or env.pg_dsn:
-            # Redis and PostgreSQL backends are separate capabilities (issues 3 and 4);
-            # refusing to start is safer than silently running embedded.
-            raise RuntimeError("REDIS_URL / PG_DSN backends are not available in this build; "
-                               "unset them to run embedded")
-        log.warning("running embedded: in-memory replay/rate-limit/mode state, SQLite audit "
-                    "at %s (not shared between replicas)", cfg.audit.sqlite_path)
+        if env.pg_dsn:
+            # the PostgreSQL audit store is a separate capability; refusing to start is
+            # safer than silently auditing somewhere else
+            raise RuntimeError("PG_DSN is set but the PostgreSQL audit store is not available "
+                               "in this build; unset it to audit to SQLite")
         engine = RegorusEngine(cfg.policy)
         audit = SqliteAuditSink(cfg.audit.sqlite_path, cfg.audit.chain_id,
                                 batch_max=cfg.audit.batch_max,
                                 batch_wait_s=cfg.audit.batch_wait_s,
                                 timeout_s=cfg.audit.timeout_s)
         await audit.start()
+        conn: RedisConnection | None = None
+        mode_follow: RedisModeStore | None = None
         try:
-            state = MemoryAdmissionStore()
-            mode = MemoryModeStore(cfg.mode_default)
+            state: AdmissionStore
+            mode: ModeStore
+            if env.redis_url:
+                rc = cfg.redis
+                conn = RedisConnection(RedisSettings(
+                    env.redis_url, cluster=rc.cluster, timeout_s=rc.timeout_s,
+                    pool_size=rc.pool_size, key_prefix=rc.key_prefix,
+                    mode_refresh_s=rc.mode_refresh_s))
+                state = RedisAdmissionStore(conn)
+                mode = mode_follow = RedisModeStore(conn, cfg.mode_default)
+                await mode_follow.start()
+                backends = {"state": "redis", "audit": "sqlite", "policy": "regorus"}
+                log.warning("shared state on Redis%s; SQLite audit at %s",
+                            " Cluster" if rc.cluster else "", cfg.audit.sqlite_path)
+            else:
+                state = MemoryAdmissionStore()
+                mode = MemoryModeStore(cfg.mode_default)
+                backends = {"state": "memory", "audit": "sqlite", "policy": "regorus"}
+                log.warning("running embedded: in-memory replay/rate-limit/mode state, SQLite "
+                            "audit at %s (not shared between replicas)", cfg.audit.sqlite_path)
             assert cfg.identity.api_keys is not None
             auth = ApiKeyAuthenticator(cfg.identity.api_keys)
             stages: list[Stage] = [
@@ -84,9 +105,12 @@ class Runtime:
                 pipeline = Pipeline(cfg, stages, state=state, mode=mode, audit=audit,
                                     policy_hash=engine.policy_hash, metrics=metrics,
                                     session=session, consumed_headers=(auth.header,))
-                yield cls(cfg, env, metrics, audit, mode, pipeline,
-                          {"state": "memory", "audit": "sqlite", "policy": "regorus"})
+                yield cls(cfg, env, metrics, audit, mode, pipeline, backends, conn)
         finally:
+            if mode_follow is not None:
+                await mode_follow.close()
+            if conn is not None:
+                await conn.close()
             await audit.close()
 
     # ------------------------------------------------------------ admin
@@ -105,10 +129,12 @@ class Runtime:
 
     async def _healthz(self, _: web.Request) -> web.Response:
         checks = {"config": "ok", "policy": "ok",
-                  "state": self.backends.get("state", "?"),
                   "audit": "ok" if await self.audit.healthy() else "unavailable"}
-        ok = checks["audit"] == "ok"
+        if self.redis is not None:
+            checks["redis"] = "ok" if await self.redis.ping() else "unavailable"
+        ok = all(v == "ok" for v in checks.values())
         return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks,
+                                  "backends": self.backends,
                                   "mode": self.mode.current().value,
                                   "config_hash": self.cfg.digest},
                                  status=200 if ok else 503)
@@ -148,22 +174,35 @@ class Runtime:
                 {"error": "body must be {\"mode\": ALLOW|STEP_UP|READ_ONLY|KILL_SWITCH}"},
                 status=400)
         old = self.mode.current()
-        record: dict[str, Any] = {
-            "event_id": self.pipeline.event_ids.next(), "ts": now_iso(), "kind": "decision",
-            "request_id": request.headers.get("X-Request-Id"), "trace_id": None,
-            "actor": "admin", "role": "admin", "tenant": None, "tool": "casf.admin.set_mode",
-            "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": "ALLOW",
-            "status": 200, "reason_codes": [], "policy_hash": self.pipeline.policy_hash,
-            "body_sha256": None, "attrs": {"args": {"from": old.value, "to": new.value}},
-        }
+        # audited before it takes effect: an unaudited mode change must not happen
         try:
-            await self.audit.append(record)
+            await self.audit.append(self._mode_record(request, old, new, "ALLOW", 200, ()))
         except AuditUnavailable:
             return web.json_response({"error": "audit store unavailable; mode unchanged"},
                                      status=503)
-        await self.mode.set(new)
+        try:
+            await self.mode.set(new)
+        except StoreUnavailable:
+            with contextlib.suppress(AuditUnavailable):
+                reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
+                await self.audit.append(self._mode_record(request, old, new, "DENY", 503,
+                                                          reasons))
+            return web.json_response({"error": "shared state unavailable; mode unchanged"},
+                                     status=503)
         log.warning("mode changed %s -> %s", old.value, new.value)
         return web.json_response({"mode": new.value, "previous": old.value})
+
+    def _mode_record(self, request: web.Request, old: Mode, new: Mode, decision: str,
+                     status: int, reasons: tuple[str, ...]) -> dict[str, Any]:
+        return {
+            "event_id": self.pipeline.event_ids.next(), "ts": now_iso(), "kind": "decision",
+            "request_id": request.headers.get("X-Request-Id"), "trace_id": None,
+            "actor": "admin", "role": "admin", "tenant": None, "tool": "casf.admin.set_mode",
+            "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": decision,
+            "status": status, "reason_codes": list(reasons),
+            "policy_hash": self.pipeline.policy_hash, "body_sha256": None,
+            "attrs": {"args": {"from": old.value, "to": new.value}},
+        }
 
 
 @dataclass(slots=True)

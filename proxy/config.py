@@ -116,6 +116,17 @@ class RateLimitRule:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """How to use Redis when ``REDIS_URL`` is set (the URL itself is never in the file)."""
+
+    cluster: bool = False
+    timeout_s: float = 0.2
+    pool_size: int = 64
+    key_prefix: str = "casf"
+    mode_refresh_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
     bundle: Path
     files: tuple[Path, ...]
@@ -171,6 +182,7 @@ class Config:
     mode_default: Mode
     replay: ReplayConfig
     rate_limits: tuple[RateLimitRule, ...]
+    redis: RedisConfig
     policy: PolicyConfig
     audit: AuditConfig
     routes: tuple[RouteConfig, ...]
@@ -299,7 +311,7 @@ class _Reader:
 
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
-             "policy", "audit", "routes", "unmatched", "defaults"}
+             "redis", "policy", "audit", "routes", "unmatched", "defaults"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -398,6 +410,20 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
             window_s=r.number(m, "window_seconds", p, 0, 0.001),
             cost=r.integer(m, "cost", p, 1, 1)))
 
+    rd = r.mapping(top.get("redis"), "redis")
+    r.known(rd, "redis", {"cluster", "timeout_ms", "pool_size", "key_prefix",
+                          "mode_refresh_ms"})
+    prefix = r.string(rd, "key_prefix", "redis", "casf")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", prefix):
+        r.fail("redis.key_prefix", f"{prefix!r} has characters other than A-Z a-z 0-9 _ . : -")
+    redis_cfg = RedisConfig(
+        cluster=r.boolean(rd, "cluster", "redis", False),
+        timeout_s=r.number(rd, "timeout_ms", "redis", 200, 1) / 1000,
+        pool_size=r.integer(rd, "pool_size", "redis", 64, 1),
+        key_prefix=prefix,
+        mode_refresh_s=r.number(rd, "mode_refresh_ms", "redis", 250, 10) / 1000,
+    )
+
     policy = _policy(r, r.mapping(top.get("policy"), "policy"), base)
 
     au = r.mapping(top.get("audit"), "audit")
@@ -452,7 +478,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
         identity=identity, mode_default=mode_default, replay=replay,
-        rate_limits=tuple(rules), policy=policy, audit=audit, routes=routes,
+        rate_limits=tuple(rules), redis=redis_cfg, policy=policy, audit=audit, routes=routes,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest,
     )

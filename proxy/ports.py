@@ -57,8 +57,13 @@ class ClaimState(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """An idempotency key (already scoped by principal) and the request's fingerprint."""
+    """An idempotency key (already scoped by principal) and the request's fingerprint.
 
+    ``scope`` is the request's state partition (derived from its tenant): the
+    claim and the request's rate-limit buckets all live in it.
+    """
+
+    scope: str
     key: str
     fingerprint: str
     lease_s: float
@@ -104,11 +109,15 @@ class AdmissionStore(Protocol):
        of ``claim.lease_s``; a claim neither completed nor released expires
        then, so a crashed holder never blocks the key for the whole TTL.
 
+    ``scope`` partitions the state by tenant: a rate-limit bucket is
+    identified by (scope, check key), so limits are always per tenant (on
+    Redis the scope is the keys' cluster hash tag).
+
     ``complete`` stores the upstream outcome for ``ttl_s``; ``release`` drops
     an unfinished claim. Both act only when the fingerprint matches.
     """
 
-    async def admit(self, claim: Claim | None, checks: Sequence[RateCheck],
+    async def admit(self, scope: str, claim: Claim | None, checks: Sequence[RateCheck],
                     proceed: bool) -> Admission: ...
 
     async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None: ...

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     # rate limits
     RATE_LIMITED = "RateLimit_Exceeded"
     RATE_LIMIT_UNAVAILABLE = "Inv_RateLimitUnavailable"
+    MODE_STORE_UNAVAILABLE = "Inv_ModeStoreUnavailable"
     # policy
     POLICY_DENIED = "Policy_Denied"
     POLICY_BAD_RESULT = "Policy_BadResult"

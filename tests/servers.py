@@ -79,3 +79,60 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProxyProcess:
+    """``casf-proxy run`` as a real process (for multi-process and crash tests)."""
+
+    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
+        self.config = config
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.env = {**os.environ, **env, "CASF_PORT": str(self.port),
+                    "CASF_ADMIN_PORT": str(self.admin_port)}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> None:
+        import sys
+
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config)], cwd=ROOT,
+                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited: {self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("proxy did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies holding whatever it held."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.terminate()
+        code = self.proc.wait(timeout=15)
+        self.proc = None
+        return code

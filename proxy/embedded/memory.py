@@ -58,7 +58,7 @@ class MemoryAdmissionStore:
         if len(self._tat) > 100_000:
             self._tat = {k: v for k, v in self._tat.items() if v > now}
 
-    async def admit(self, claim: Claim | None, checks: Sequence[RateCheck],
+    async def admit(self, scope: str, claim: Claim | None, checks: Sequence[RateCheck],
                     proceed: bool) -> Admission:
         now = self._clock()
         state: ClaimState | None = None
@@ -78,10 +78,11 @@ class MemoryAdmissionStore:
             return Admission(state)
         updates: list[tuple[str, float]] = []
         for check in checks:
-            ok, value = gcra(self._tat.get(check.key), now, check)
+            key = f"{scope}:{check.key}"
+            ok, value = gcra(self._tat.get(key), now, check)
             if not ok:
                 return Admission(state, refused_rule=check.rule, retry_after_s=value)
-            updates.append((check.key, value))
+            updates.append((key, value))
         for key, tat in updates:
             self._tat[key] = tat
         if claim is None:

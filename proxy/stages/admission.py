@@ -28,7 +28,7 @@ from proxy.ports import AdmissionStore, Claim, ClaimState, StoreUnavailable
 from proxy.reasons import Reason
 from proxy.stages.invariants import invariant_verdict
 from proxy.stages.ratelimit import RateRules
-from proxy.stages.replay import client_request_id, scoped_key
+from proxy.stages.replay import client_request_id, scoped_key, state_scope
 
 
 class AdmissionStage:
@@ -49,12 +49,13 @@ class AdmissionStage:
         rid = client_request_id(ex, self.replay.request_id_headers)
         if isinstance(rid, Verdict):
             return rid
+        scope = state_scope(ex.principal.tenant, ex.principal.id)
         claim: Claim | None = None
         if route.effect == "write":
             if rid is None:
                 return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
                                "write requests need an Idempotency-Key or X-Request-Id")
-            claim = Claim(scoped_key(ex.principal.id, rid),
+            claim = Claim(scope, scoped_key(ex.principal.id, rid),
                           fingerprint(route.tool, ex.method, ex.target.path_and_query,
                                       canonical_body(ex.body, ex.headers.get("Content-Type"))),
                           self.lease_s)
@@ -65,7 +66,7 @@ class AdmissionStage:
             return invariant
         proceed = invariant is None or not route.enforce
         try:
-            admission = await self.store.admit(claim, checks, proceed)
+            admission = await self.store.admit(scope, claim, checks, proceed)
         except StoreUnavailable:
             code = Reason.REPLAY_UNAVAILABLE if claim else Reason.RATE_LIMIT_UNAVAILABLE
             if route.fail_mode == "closed":

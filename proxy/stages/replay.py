@@ -57,3 +57,9 @@ def client_request_id(ex: Exchange, headers: tuple[str, ...]) -> str | Verdict |
         ex.request_id = parsed
         return parsed
     return None
+
+
+def state_scope(tenant: str | None, principal_id: str) -> str:
+    """The request's state partition: its tenant, else its principal (brace-free hex)."""
+    source = f"t:{tenant}" if tenant is not None else f"p:{principal_id}"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -1,0 +1,306 @@
+"""Shared state on Redis: the admission store and the cluster-wide mode.
+
+One client (and connection pool) per process; every call is bounded by
+``redis.timeout_ms`` (200 ms by default) on top of the client's own socket
+timeouts, and every Redis or network error is translated into
+:class:`~proxy.ports.StoreUnavailable` — the pipeline turns that into
+fail-closed 503s on writes. redis-py retries at most once, immediately (that
+replaces a pooled connection that went stale, e.g. after a Redis restart);
+the call's time bound applies to the whole attempt.
+
+Keys (``casf`` is ``redis.key_prefix``)::
+
+    casf:{S}:idem:<sha256(principal, id)>  hash: st (P|D), fp, status, headers, body, complete
+    casf:{S}:rl:<rule>:<rendered key>      GCRA theoretical arrival time (ms, Redis clock)
+    casf:{mode}:current                    the operator mode
+    casf:{mode}:changes                    pub/sub channel announcing mode changes
+
+``{S}`` is the request's state scope (from its tenant, see
+``proxy.stages.replay.state_scope``) used as the cluster hash tag, so all
+keys one request touches live in one slot and the admission script runs
+atomically on Redis Cluster too. Rate-limit buckets are therefore per
+tenant, on Redis and embedded alike.
+
+Scripts are loaded once and called with EVALSHA (redis-py reloads them on
+NOSCRIPT). Time comes from Redis (``TIME``) so all replicas share one clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.config import Mode
+from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome, StoreUnavailable
+from proxy.tasks import spawn
+
+log = logging.getLogger("casf.redis")
+T = TypeVar("T")
+
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local has_claim = ARGV[1] == '1'
+local first = 1
+if has_claim then
+  first = 2
+  local cur = redis.call('HMGET', KEYS[1], 'st', 'fp')
+  if cur[1] then
+    if cur[2] ~= ARGV[2] then return {'mismatch'} end
+    if cur[1] == 'P' then return {'in_flight'} end
+    local o = redis.call('HMGET', KEYS[1], 'status', 'headers', 'body', 'complete')
+    return {'replay', o[1], o[2], o[3], o[4]}
+  end
+end
+if ARGV[4] ~= '1' then return {'new'} end
+local tats = {}
+for i = first, #KEYS do
+  local a = 5 + (i - first) * 4
+  local limit, window, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + cost * (window / limit)
+  if new_tat - now > window + 0.000001 then
+    return {'refused', ARGV[a + 3], string.format('%.3f', new_tat - now - window)}
+  end
+  tats[i] = new_tat
+end
+for i = first, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.3f', tats[i]), 'PX', math.ceil(tats[i] - now) + 1)
+end
+if has_claim then
+  redis.call('HSET', KEYS[1], 'st', 'P', 'fp', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {'claimed'}
+end
+return {'ok'}
+"""
+
+COMPLETE = """
+local cur = redis.call('HMGET', KEYS[1], 'st', 'fp')
+if cur[1] ~= 'P' or cur[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'st', 'D', 'status', ARGV[2], 'headers', ARGV[3], 'body', ARGV[4],
+           'complete', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
+RELEASE = """
+local cur = redis.call('HMGET', KEYS[1], 'st', 'fp')
+if cur[1] == 'P' and cur[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str
+    cluster: bool = False
+    timeout_s: float = 0.2
+    pool_size: int = 64
+    key_prefix: str = "casf"
+    mode_refresh_s: float = 0.25
+
+
+class RedisConnection:
+    """The process's Redis client with bounded, translated calls."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self.settings = settings
+        timeouts: dict[str, Any] = {
+            "socket_timeout": settings.timeout_s, "socket_connect_timeout": settings.timeout_s}
+        self.client: Any
+        if settings.cluster:
+            self.client = RedisCluster.from_url(
+                settings.url, cluster_error_retry_attempts=1, retry=Retry(NoBackoff(), 1),
+                max_connections=settings.pool_size, **timeouts)
+        else:
+            # a blocking pool waits for a free connection (inside the call's time bound)
+            # instead of failing when all are busy; the retry lives on the pool's
+            # connections: one immediate retry replaces a connection Redis closed
+            pool = aioredis.BlockingConnectionPool.from_url(
+                settings.url, max_connections=settings.pool_size, timeout=settings.timeout_s,
+                retry=Retry(NoBackoff(), 1), **timeouts)
+            self.client = aioredis.Redis(connection_pool=pool)
+        self.admit_script = self.client.register_script(ADMIT)
+        self.complete_script = self.client.register_script(COMPLETE)
+        self.release_script = self.client.register_script(RELEASE)
+
+    async def call(self, coro: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                return await coro
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            await self.call(self.client.ping())
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+class RedisAdmissionStore:
+    """:class:`~proxy.ports.AdmissionStore` on Redis: one script call per admission."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self.conn = conn
+        self.prefix = conn.settings.key_prefix
+
+    def claim_key(self, claim: Claim) -> str:
+        return f"{self.prefix}:{{{claim.scope}}}:idem:{claim.key}"
+
+    def rate_key(self, scope: str, check: RateCheck) -> str:
+        return f"{self.prefix}:{{{scope}}}:rl:{check.key}"
+
+    async def admit(self, scope: str, claim: Claim | None, checks: Sequence[RateCheck],
+                    proceed: bool) -> Admission:
+        keys: list[str] = []
+        args: list[Any] = ["1" if claim else "0", claim.fingerprint if claim else "",
+                           int(claim.lease_s * 1000) if claim else 0, "1" if proceed else "0"]
+        if claim is not None:
+            keys.append(self.claim_key(claim))
+        for c in checks:
+            keys.append(self.rate_key(scope, c))
+            args += [c.limit, repr(c.window_s * 1000), c.cost, c.rule]
+        reply = await self.conn.call(self.conn.admit_script(keys=keys, args=args))
+        return _admission(reply, claim)
+
+    async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None:
+        headers = orjson.dumps([list(h) for h in outcome.headers])
+        await self.conn.call(self.conn.complete_script(
+            keys=[self.claim_key(claim)],
+            args=[claim.fingerprint, outcome.status, headers, outcome.body,
+                  "1" if outcome.body_complete else "0", int(ttl_s * 1000)]))
+
+    async def release(self, claim: Claim) -> None:
+        await self.conn.call(self.conn.release_script(keys=[self.claim_key(claim)],
+                                                      args=[claim.fingerprint]))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _admission(reply: Any, claim: Claim | None) -> Admission:
+    kind = _text(reply[0])
+    new = ClaimState.NEW if claim is not None else None
+    if kind == "claimed":
+        return Admission(ClaimState.NEW, claimed=True)
+    if kind in ("ok", "new"):
+        return Admission(new)
+    if kind == "mismatch":
+        return Admission(ClaimState.MISMATCH)
+    if kind == "in_flight":
+        return Admission(ClaimState.IN_FLIGHT)
+    if kind == "refused":
+        return Admission(new, refused_rule=_text(reply[1]),
+                         retry_after_s=float(_text(reply[2])) / 1000)
+    if kind == "replay":
+        headers = tuple((str(k), str(v)) for k, v in orjson.loads(reply[2] or b"[]"))
+        body = reply[3] if isinstance(reply[3], bytes) else _text(reply[3] or "").encode()
+        outcome = StoredOutcome(int(_text(reply[1])), headers, body, _text(reply[4]) == "1")
+        return Admission(ClaimState.REPLAY, outcome=outcome)
+    raise StoreUnavailable(f"redis: unexpected admission reply {kind!r}")
+
+
+class RedisModeStore:
+    """The operator mode, shared by all replicas through Redis.
+
+    ``current`` never blocks: it returns the last mode seen. A background task
+    follows changes by pub/sub (standalone Redis) and re-reads the key every
+    ``mode_refresh_ms``; while Redis is unreachable the last mode is kept.
+    """
+
+    def __init__(self, conn: RedisConnection, default: Mode) -> None:
+        self.conn = conn
+        self.key = f"{conn.settings.key_prefix}:{{mode}}:current"
+        self.channel = f"{conn.settings.key_prefix}:{{mode}}:changes"
+        self._mode = default
+        self._default = default
+        self._task: asyncio.Task[None] | None = None
+
+    def current(self) -> Mode:
+        return self._mode
+
+    async def set(self, mode: Mode) -> None:
+        client = self.conn.client
+        await self.conn.call(client.set(self.key, mode.value))
+        self._mode = mode
+        with contextlib.suppress(StoreUnavailable):
+            await self.conn.call(client.publish(self.channel, mode.value))
+
+    def _apply(self, raw: Any) -> None:
+        if raw is None:
+            return
+        try:
+            mode = Mode(_text(raw))
+        except ValueError:
+            log.error("ignoring unknown mode %r in Redis", raw)
+            return
+        if mode is not self._mode:
+            log.warning("mode changed to %s (shared state)", mode.value)
+            self._mode = mode
+
+    async def refresh(self) -> None:
+        client = self.conn.client
+        await self.conn.call(client.set(self.key, self._default.value, nx=True))
+        self._apply(await self.conn.call(client.get(self.key)))
+
+    async def start(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.refresh()
+        self._task = spawn(self._follow(), name="casf-mode-follow")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        interval = self.conn.settings.mode_refresh_s
+        async with self._subscription() as messages:
+            while True:
+                try:
+                    if messages is not None:
+                        msg = await messages.get_message(ignore_subscribe_messages=True,
+                                                         timeout=interval)
+                        if msg is not None and msg.get("type") == "message":
+                            self._apply(msg.get("data"))
+                            continue
+                    else:
+                        await asyncio.sleep(interval)
+                    await self.refresh()
+                except (StoreUnavailable, RedisError, OSError, TimeoutError):
+                    await asyncio.sleep(interval)  # keep the last mode; try again
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self) -> AsyncIterator[Any]:
+        if self.conn.settings.cluster:
+            yield None  # cluster: periodic refresh only
+            return
+        pubsub = self.conn.client.pubsub()
+        try:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(pubsub.subscribe(self.channel), 1.0)
+            yield pubsub
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()

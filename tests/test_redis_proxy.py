@@ -1,0 +1,228 @@
+"""casf-proxy with REDIS_URL: shared replay, limits and mode across replicas,
+fail-closed on a real Redis outage, recovery without restart, round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import ADMIN_TOKEN, Proxy, clinic_env, write_config
+from tests.servers import ProxyProcess, RedisServer
+
+APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_proxy(make_proxy: Callable[..., Any], redis_server: RedisServer) -> Callable[..., Any]:
+    def factory(patch: Callable[[dict[str, Any]], None] = lambda d: None) -> Any:
+        return make_proxy(patch, REDIS_URL=redis_server.url)
+    return factory
+
+
+async def commandstats(url: str) -> dict[str, int]:
+    client = aioredis.Redis.from_url(url)
+    try:
+        info = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+async def test_replay_semantics_over_redis(redis_proxy: Any) -> None:
+    async with redis_proxy() as p:
+        s1, _, b1 = await p.call("POST", "/appointments", json=APPT, rid="r1")
+        s2, h2, b2 = await p.call("POST", "/appointments", json=APPT, rid="r1")
+        s3, _, raw = await p.call("POST", "/appointments", json={**APPT, "slot": "x"}, rid="r1")
+        assert (s1, s2, s3) == (201, 201, 409)
+        assert b1 == b2 and h2["Idempotent-Replayed"] == "true"
+        assert json.loads(raw)["reason_codes"] == ["Inv_ReplayPayloadMismatch"]
+        assert len(p.upstream.seen) == 1
+        async with p.session.get(p.admin + "/healthz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["checks"]["redis"] == "ok"
+            assert body["backends"]["state"] == "redis"
+
+
+async def test_fifty_concurrent_same_key_reach_upstream_once(redis_proxy: Any) -> None:
+    async with redis_proxy() as p:
+        p.upstream.delay_s = 0.05
+        results = await asyncio.gather(*(p.call("POST", "/appointments", json=APPT, rid="same")
+                                         for _ in range(50)))
+        statuses = [r[0] for r in results]
+        assert len(p.upstream.seen) == 1
+        assert set(statuses) <= {201, 409} and 201 in statuses
+
+
+async def test_limit_exact_under_200_concurrent(redis_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["rate_limits"] = [{"name": "n", "tools": ["cliniccloud.create_appointment"],
+                             "key": "{principal.id}", "limit": 12, "window_seconds": 60}]
+
+    async with redis_proxy(patch) as p:
+        results = await asyncio.gather(*(
+            p.call("POST", "/appointments", json={**APPT, "slot": str(i)}, rid=f"c{i}")
+            for i in range(200)))
+        statuses = [r[0] for r in results]
+        assert statuses.count(201) == 12 and statuses.count(429) == 188
+        assert len(p.upstream.seen) == 12
+
+
+async def test_sms_rule_over_redis(redis_proxy: Any) -> None:
+    async with redis_proxy() as p:
+        sms = {"patient_id": "p1", "message": "m"}
+        assert (await p.call("POST", "/sms", json=sms, key="nurse", rid="s1"))[0] == 201
+        status, hdrs, _ = await p.call("POST", "/sms", json=sms, key="nurse", rid="s2")
+        assert status == 429 and 3590 <= int(hdrs["Retry-After"]) <= 3600
+
+
+async def test_outage_fails_closed_and_recovers_without_restart(
+        redis_proxy: Any, redis_server: RedisServer) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"].append({"method": "POST", "path": "/notes", "tool": "cliniccloud.note",
+                            "effect": "write", "fail_mode": "open"})
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with redis_proxy(patch) as p:
+        assert (await p.call("POST", "/appointments", json=APPT, rid="before"))[0] == 201
+        redis_server.stop()
+        status, hdrs, raw = await p.call("POST", "/appointments", json=APPT, rid="during")
+        assert status == 503
+        env = json.loads(raw)
+        assert env["reason_codes"] == ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"]
+        assert env["decision"] == "DENY" and hdrs["Retry-After"]
+        sms = {"patient_id": "p1", "message": "m"}
+        assert (await p.call("POST", "/sms", key="nurse", json=sms, rid="sms"))[0] == 503
+        # reads fail open; a write route overridden to fail open is forwarded too
+        assert (await p.call("GET", "/appointments"))[0] == 200
+        assert (await p.call("POST", "/notes", json={"x": 1}, rid="n1"))[0] == 201
+        assert p.upstream.paths() == ["/appointments", "/appointments", "/notes"]
+        async with p.session.get(p.admin + "/healthz") as r:
+            assert r.status == 503 and (await r.json())["checks"]["redis"] == "unavailable"
+        assert 'casf_fail_closed_total{trigger="redis"} 2.0' in await p.metrics()
+        redis_server.start()  # same port, empty data
+        status, _, _ = await p.call("POST", "/appointments", json=APPT, rid="after")
+        assert status == 201
+        async with p.session.get(p.admin + "/healthz") as r:
+            assert r.status == 200, await r.text()
+
+
+async def test_noscript_is_reloaded(redis_proxy: Any, redis_server: RedisServer) -> None:
+    async with redis_proxy() as p:
+        assert (await p.call("POST", "/appointments", json=APPT, rid="a"))[0] == 201
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.script_flush()
+        await client.aclose()
+        assert (await p.call("POST", "/appointments", json=APPT, rid="b"))[0] == 201
+
+
+async def test_round_trips_per_request(redis_proxy: Any, redis_server: RedisServer) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["redis"] = {"mode_refresh_ms": 600000}  # no background reads during the count
+
+    async with redis_proxy(patch) as p:
+        await p.call("POST", "/appointments", json=APPT, rid="warm")  # scripts loaded
+        await p.call("GET", "/appointments")
+        before = await commandstats(redis_server.url)
+        await p.call("POST", "/appointments", json=APPT, rid="counted")
+        mid = await commandstats(redis_server.url)
+        await p.call("GET", "/appointments")
+        after = await commandstats(redis_server.url)
+
+    # commandstats also counts the commands a script runs inside Redis; a round
+    # trip is a command the proxy sends itself
+    top_level = {"evalsha", "eval", "script|load", "get", "set", "publish", "ping", "del",
+                 "mget", "hgetall", "incrby", "multi", "exec"}
+
+    def diff(a: dict[str, int], b: dict[str, int]) -> int:
+        return sum(b[k] - a.get(k, 0) for k in b if k in top_level)
+
+    write_trips, read_trips = diff(before, mid), diff(mid, after)
+    print(f"redis round trips: write={write_trips} read={read_trips}")
+    assert write_trips == 2  # admission script + outcome
+    assert read_trips == 0  # no claim and no rate rule on this read route
+
+
+async def test_abandoned_claim_expires_after_lease(
+        tmp_path: Path, redis_server: RedisServer, make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["replay"]["lease_seconds"] = 1
+
+    async with make_proxy(patch, REDIS_URL=redis_server.url) as p:
+        # replica A takes the claim and dies (SIGKILL) while the upstream is still busy
+        env = dict(clinic_env(p.upstream.url, tmp_path, REDIS_URL=redis_server.url,
+                              CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
+        a = ProxyProcess(p.cfg.source, env, tmp_path / "a.log")
+        a.start()
+        p.upstream.delay_s = 5
+        async with aiohttp.ClientSession() as s:
+            req = asyncio.ensure_future(s.post(a.url + "/appointments", json=APPT, headers={
+                "X-API-Key": "demo-receptionist", "Idempotency-Key": "crash"}))
+            await asyncio.sleep(0.4)
+            a.kill()
+            with pytest.raises(aiohttp.ClientError):
+                await req
+        p.upstream.delay_s = 0
+        status, _, raw = await p.call("POST", "/appointments", json=APPT, rid="crash")
+        assert status == 409 and b"Inv_ReplayConcurrent" in raw
+        await asyncio.sleep(1.1)
+        assert (await p.call("POST", "/appointments", json=APPT, rid="crash"))[0] == 201
+
+
+async def test_mode_switch_reaches_other_process_within_a_second(
+        tmp_path: Path, redis_server: RedisServer, make_proxy: Any) -> None:
+    async with make_proxy(REDIS_URL=redis_server.url) as b:
+        env = dict(clinic_env(b.upstream.url, tmp_path, REDIS_URL=redis_server.url,
+                              CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
+        a = ProxyProcess(b.cfg.source, env, tmp_path / "a.log")
+        a.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.put(a.admin + "/admin/mode", json={"mode": "READ_ONLY"},
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                    assert r.status == 200
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                while b.rt.mode.current().value != "READ_ONLY":
+                    assert loop.time() - t0 < 1.0, "mode did not propagate within 1 s"
+                    await asyncio.sleep(0.01)
+            status, _, raw = await b.call("POST", "/appointments", json=APPT, rid="m1")
+            assert status == 403 and b"Mode_ReadOnly_NoWrite" in raw
+            # a replica that cannot reach Redis keeps the last mode it saw
+            redis_server.stop()
+            await asyncio.sleep(0.6)
+            assert b.rt.mode.current().value == "READ_ONLY"
+            redis_server.start()
+        finally:
+            assert a.stop() == 0
+
+
+async def test_mode_change_needs_redis(redis_proxy: Any, redis_server: RedisServer) -> None:
+    async with redis_proxy() as p:
+        redis_server.stop()
+        async with p.session.put(p.admin + "/admin/mode", json={"mode": "KILL_SWITCH"},
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 503
+        assert p.rt.mode.current().value == "ALLOW"
+        redis_server.start()
+
+
+def test_two_replicas_share_a_config(tmp_path: Path) -> None:
+    # the fixture config is reusable by subprocess replicas (guards the helpers above)
+    cfg = write_config(tmp_path, lambda d: None)
+    assert cfg.exists()
+    assert isinstance(Proxy, type)

@@ -1,0 +1,163 @@
+"""One behavioural table for the admission store, run against the embedded
+store and a real redis-server (standalone)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.embedded.memory import MemoryAdmissionStore
+from proxy.ports import Claim, ClaimState, RateCheck, StoredOutcome
+from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisSettings
+from tests.servers import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "memory":
+        yield MemoryAdmissionStore()
+        return
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    conn = RedisConnection(RedisSettings(server.url))
+    try:
+        yield RedisAdmissionStore(conn)
+    finally:
+        await conn.close()
+        server.stop()
+
+
+def claim(key: str = "k1", fp: str = "fp1", lease: float = 5.0, scope: str = "s1") -> Claim:
+    return Claim(scope, key, fp, lease)
+
+
+def check(rule: str = "r", key: str = "r:p1", limit: int = 2, window: float = 60,
+          cost: int = 1) -> RateCheck:
+    return RateCheck(rule, key, limit, window, cost)
+
+
+OUTCOME = StoredOutcome(201, (("Content-Type", "application/json"), ("ETag", '"1"')),
+                        b'{"id": "a-1"}', True)
+
+
+async def test_new_claim_then_in_flight_then_replay(store: Any) -> None:
+    first = await store.admit("s1", claim(), [], True)
+    assert first.claim_state is ClaimState.NEW and first.claimed
+    again = await store.admit("s1", claim(), [], True)
+    assert again.claim_state is ClaimState.IN_FLIGHT and not again.claimed
+    await store.complete(claim(), OUTCOME, 60)
+    replay = await store.admit("s1", claim(), [], True)
+    assert replay.claim_state is ClaimState.REPLAY
+    assert replay.outcome == OUTCOME
+
+
+async def test_mismatch_changes_nothing(store: Any) -> None:
+    await store.admit("s1", claim(fp="a"), [], True)
+    got = await store.admit("s1", claim(fp="b"), [check()], True)
+    assert got.claim_state is ClaimState.MISMATCH
+    # the rate check was not consumed: two more pass, the third refuses
+    for _ in range(2):
+        assert (await store.admit("s1", None, [check()], True)).refused_rule is None
+    assert (await store.admit("s1", None, [check()], True)).refused_rule == "r"
+
+
+async def test_release_frees_the_key_only_for_its_fingerprint(store: Any) -> None:
+    await store.admit("s1", claim(fp="a"), [], True)
+    await store.release(claim(fp="other"))
+    assert (await store.admit("s1", claim(fp="a"), [], True)).claim_state is ClaimState.IN_FLIGHT
+    await store.release(claim(fp="a"))
+    assert (await store.admit("s1", claim(fp="a"), [], True)).claimed
+
+
+async def test_completed_outcome_is_not_released(store: Any) -> None:
+    await store.admit("s1", claim(), [], True)
+    await store.complete(claim(), OUTCOME, 60)
+    await store.release(claim())
+    assert (await store.admit("s1", claim(), [], True)).claim_state is ClaimState.REPLAY
+
+
+async def test_lease_expires_an_abandoned_claim(store: Any) -> None:
+    await store.admit("s1", claim(lease=0.3), [], True)  # its holder "crashes"
+    assert (await store.admit("s1", claim(), [], True)).claim_state is ClaimState.IN_FLIGHT
+    await asyncio.sleep(0.45)
+    assert (await store.admit("s1", claim(), [], True)).claimed
+
+
+async def test_outcome_ttl(store: Any) -> None:
+    await store.admit("s1", claim(), [], True)
+    await store.complete(claim(), OUTCOME, 0.3)
+    await asyncio.sleep(0.45)
+    assert (await store.admit("s1", claim(), [], True)).claimed
+
+
+async def test_not_proceeding_consumes_nothing_and_claims_nothing(store: Any) -> None:
+    got = await store.admit("s1", claim(), [check(limit=1)], False)
+    assert got.claim_state is ClaimState.NEW and not got.claimed
+    assert (await store.admit("s1", claim(), [check(limit=1)], True)).claimed
+
+
+async def test_rate_limit_refuses_with_retry_after(store: Any) -> None:
+    c = check(limit=2, window=10)
+    assert (await store.admit("s1", None, [c], True)).refused_rule is None
+    assert (await store.admit("s1", None, [c], True)).refused_rule is None
+    refused = await store.admit("s1", None, [c], True)
+    assert refused.refused_rule == "r"
+    assert 4.5 <= refused.retry_after_s <= 5.01  # one emission interval (10 s / 2)
+
+
+async def test_refusal_takes_no_claim_and_is_all_or_nothing(store: Any) -> None:
+    loose, tight = check("loose", "l", limit=10), check("tight", "t", limit=1)
+    assert (await store.admit("s1", claim("a"), [loose, tight], True)).claimed
+    got = await store.admit("s1", claim("b"), [loose, tight], True)
+    assert got.refused_rule == "tight" and not got.claimed
+    # the refused admission consumed nothing from 'loose' (10 per window)
+    for i in range(9):
+        assert (await store.admit("s1", None, [loose], True)).refused_rule is None, i
+    assert (await store.admit("s1", None, [loose], True)).refused_rule == "loose"
+    # and 'b' was not claimed
+    assert (await store.admit("s1", claim("b"), [], True)).claimed
+
+
+async def test_cost_counts_against_the_limit(store: Any) -> None:
+    assert (await store.admit("s1", None, [check(limit=5, cost=3)], True)).refused_rule is None
+    assert (await store.admit("s1", None, [check(limit=5, cost=3)], True)).refused_rule == "r"
+    assert (await store.admit("s1", None, [check(limit=5, cost=2)], True)).refused_rule is None
+
+
+async def test_scopes_are_separate_buckets(store: Any) -> None:
+    c = check(limit=1)
+    assert (await store.admit("tenant-a", None, [c], True)).refused_rule is None
+    assert (await store.admit("tenant-b", None, [c], True)).refused_rule is None
+    assert (await store.admit("tenant-a", None, [c], True)).refused_rule == "r"
+
+
+async def test_concurrent_claims_exactly_one_wins(store: Any) -> None:
+    results = await asyncio.gather(*(store.admit("s1", claim(), [], True) for _ in range(50)))
+    assert sum(1 for r in results if r.claimed) == 1
+    assert all(r.claim_state in (ClaimState.NEW, ClaimState.IN_FLIGHT) for r in results)
+
+
+async def test_limit_is_exact_under_concurrency(store: Any) -> None:
+    c = check(limit=7, window=60)
+    results = await asyncio.gather(*(store.admit("s1", None, [c], True) for _ in range(200)))
+    assert sum(1 for r in results if r.refused_rule is None) == 7
+
+
+async def test_binary_and_incomplete_bodies_round_trip(store: Any) -> None:
+    outcome = StoredOutcome(500, (), bytes(range(256)) * 3, False)
+    await store.admit("s1", claim(), [], True)
+    await store.complete(claim(), outcome, 60)
+    got = await store.admit("s1", claim(), [], True)
+    assert got.outcome == outcome

@@ -139,6 +139,10 @@ async def test_audit_outage_refuses_and_recovers(make_proxy: Any, tmp_path: Path
                 env = json.loads(raw)
                 assert env["reason_codes"] == ["FAIL_CLOSED", "Audit_Unavailable"]
                 assert hdrs["Retry-After"]
+            # a request that would be denied anyway cannot be denied unrecorded either
+            status, _, raw = await p.call("GET", "/admin")
+            assert status == 503
+            assert json.loads(raw)["reason_codes"] == ["FAIL_CLOSED", "Audit_Unavailable"]
             assert len(p.upstream.seen) == before
             async with p.session.get(p.admin + "/healthz") as r:
                 assert r.status == 503
@@ -149,7 +153,7 @@ async def test_audit_outage_refuses_and_recovers(make_proxy: Any, tmp_path: Path
         status, _, _ = await p.call("POST", "/appointments",
                                     json={"patient_id": "p1", "slot": "a"}, rid="out-1")
         assert status == 201
-        assert 'casf_fail_closed_total{trigger="audit"} 2.0' in await p.metrics()
+        assert 'casf_fail_closed_total{trigger="audit"} 3.0' in await p.metrics()
     res = run_cli("audit", "verify", "-c", str(tmp_path / "casf.yaml"),
                   audit_path=tmp_path / "audit.db")
     assert res.returncode == 0, res.stdout
@@ -172,3 +176,39 @@ async def test_mode_change_is_audited(proxy: Proxy, tmp_path: Path) -> None:
     rec = [r for r in rows(tmp_path / "audit.db") if r["tool"] == "casf.admin.set_mode"]
     assert len(rec) == 1
     assert json.loads(rec[0]["attrs"])["args"] == {"from": "ALLOW", "to": "READ_ONLY"}
+
+
+async def test_sqlite_window_digest_and_migrate(proxy: Proxy, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    await traffic(proxy)
+    cfg = str(proxy.cfg.source)
+    db = tmp_path / "audit.db"
+    recs = rows(db)
+    win = run_cli("audit", "verify", "-c", cfg, "--since", recs[4]["ts"], audit_path=db)
+    assert win.returncode == 0, win.stdout + win.stderr
+    assert f"(seq 5..{len(recs)})" in win.stdout and "(sqlite)" in win.stdout
+
+    key = Ed25519PrivateKey.generate()
+    priv = tmp_path / "k.pem"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    out = tmp_path / "digest.json"
+    made = run_cli("audit", "digest", "-c", cfg, "--sign", str(priv), "--out", str(out),
+                   audit_path=db)
+    assert made.returncode == 0, made.stderr
+    doc = json.loads(out.read_text())
+    assert doc["store"] == "sqlite" and doc["records"] == len(recs)
+    checked = run_cli("audit", "digest", "--verify", str(out), "--key", str(priv),
+                      audit_path=db)
+    assert checked.returncode == 0, checked.stdout
+    assert run_cli("audit", "migrate", "-c", cfg, audit_path=db).returncode == 0
+
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE audit_events SET status = 599 WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    refused = run_cli("audit", "digest", "-c", cfg, audit_path=db)
+    assert refused.returncode == 1 and "no digest written" in refused.stderr

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,64 @@ def iter_records(conn: sqlite3.Connection, chain_id: str | None = None,
             return
         for row in rows:
             yield from_row(row)
+
+
+class SqliteReader:
+    """Read-only access for ``audit verify`` / ``audit digest`` (one read transaction).
+
+    Blocking SQLite calls run on a worker thread, a chunk at a time.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, chunk: int = 1000) -> None:
+        self.conn = conn
+        self.chunk = chunk
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator[SqliteReader]:
+        conn = await asyncio.to_thread(connect, path, create=False)
+        try:
+            await asyncio.to_thread(conn.execute, "BEGIN")  # one consistent snapshot
+            yield cls(conn)
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    def _chains(self, chain: str | None, since: str | None, until: str | None
+                ) -> list[tuple[str, int, int]]:
+        where: list[str] = []
+        args: list[Any] = []
+        for cond, value in (("ts >= ?", since), ("ts < ?", until), ("chain_id = ?", chain)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        windowed = since is not None or until is not None
+        sql = ("SELECT chain_id, " + ("min(seq)" if windowed else "1") +  # noqa: S608
+               ", max(seq) FROM audit_events" + (" WHERE " + " AND ".join(where) if where else "")
+               + " GROUP BY chain_id ORDER BY chain_id")
+        return [(str(c), int(lo), int(hi)) for c, lo, hi in self.conn.execute(sql, args)]
+
+    async def chains(self, chain: str | None, since: str | None, until: str | None
+                     ) -> list[tuple[str, int, int]]:
+        return await asyncio.to_thread(self._chains, chain, since, until)
+
+    async def records(self, chain_id: str, lo: int, hi: int
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+        sql = (f"SELECT {', '.join(FIELDS)}, extra FROM audit_events "  # noqa: S608
+               "WHERE chain_id = ? AND seq BETWEEN ? AND ? ORDER BY seq")
+        cur = await asyncio.to_thread(self.conn.execute, sql, (chain_id, lo, hi))
+        while True:
+            rows = await asyncio.to_thread(cur.fetchmany, self.chunk)
+            if not rows:
+                return
+            for row in rows:
+                yield from_row(row)
+
+    async def record_at(self, chain_id: str, seq: int) -> dict[str, Any] | None:
+        sql = (f"SELECT {', '.join(FIELDS)}, extra FROM audit_events "  # noqa: S608
+               "WHERE chain_id = ? AND seq = ?")
+        cur = await asyncio.to_thread(self.conn.execute, sql, (chain_id, seq))
+        row = await asyncio.to_thread(cur.fetchone)
+        return from_row(row) if row is not None else None
 
 
 def _consume(fut: asyncio.Future[AuditReceipt]) -> None:
@@ -207,6 +265,8 @@ class SqliteAuditSink:
             receipts: list[AuditReceipt] = []
             for record, _ in batch:
                 seq += 1
+                for f in FIELDS:  # stored as NULL and read back as null: hash it so
+                    record.setdefault(f, None)
                 seal(record, self.chain_id, seq, prev)
                 prev = record["hash"]
                 rows.append(to_row(record))

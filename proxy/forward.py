@@ -30,9 +30,15 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def upstream_request_headers(ex: Exchange, consumed: Iterable[str],
-                             forward_credentials: bool) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop and consumed credentials, plus X-Forwarded-*."""
+                             forward_credentials: bool, stripped: Iterable[str] = ()
+                             ) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop and consumed credentials, plus X-Forwarded-*.
+
+    ``stripped`` headers are dropped even with ``forward_credentials``: identity
+    assertions (trusted headers) the upstream might believe.
+    """
     drop = HOP_BY_HOP | _REWRITTEN | _connection_listed(ex.headers)
+    drop |= {s.lower() for s in stripped}
     if not forward_credentials:
         drop |= {c.lower() for c in consumed}
     out: CIMultiDict[str] = CIMultiDict()

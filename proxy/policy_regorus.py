@@ -50,6 +50,16 @@ def parse_result(raw: Any) -> PolicyResult:
         value = exprs[0]["value"]
     except (KeyError, TypeError, IndexError):
         return bad
+    return parse_decision(value)
+
+
+def parse_decision(value: Any) -> PolicyResult:
+    """The decision document itself, strictly: the same rules for both engines.
+
+    ``{"allow": bool, "violations"?: [str], "needs_approval"?: bool}``; anything
+    else is a deny with ``Policy_BadResult``.
+    """
+    bad = PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_BAD_RESULT)
     if not isinstance(value, dict):
         return bad
     allow = value.get("allow")
@@ -91,3 +101,12 @@ class RegorusEngine:
 
     async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
         return self.evaluate_sync(policy_input)
+
+    def close(self) -> None:
+        """Drop the engine now, on the event loop's thread.
+
+        regorus engines must be freed on the thread that made them; left to the
+        cyclic GC they may be collected in a worker thread (and leak with an
+        "unsendable" error). Evaluating after ``close`` is an eval error (deny).
+        """
+        self._engine = None

@@ -1,34 +1,35 @@
-"""Authentication: API keys stored only as SHA-256; missing → 401, unknown → 401."""
+"""Authenticate: the configured methods in ``identity.order``; the first that recognises decides.
+
+No method recognises the request → 401 ``Auth_Missing`` with every method's
+challenge. A credential that is present but invalid → 401 ``Auth_Invalid``
+with that method's challenge; it never falls through to another method.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
-from proxy.config import ApiKeysConfig
-from proxy.model import Exchange, Principal, Verdict
+from proxy.identity import Identity
+from proxy.identity.base import AuthFailure
+from proxy.model import Exchange, Verdict
 from proxy.reasons import Reason
 
 
-class ApiKeyAuthenticator:
-    name = "api_key"
+class AuthenticateStage:
+    name = "authenticate"
 
-    def __init__(self, cfg: ApiKeysConfig) -> None:
-        self.header = cfg.header
-        self._by_hash = {k.sha256: k for k in cfg.keys}
-        self._challenge = (("WWW-Authenticate", f'ApiKey header="{cfg.header}"'),)
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._missing = Verdict("DENY", 401, (Reason.AUTH_MISSING,),
+                                f"credentials required ({identity.credential_names})",
+                                (("WWW-Authenticate", identity.challenge),))
 
     async def check(self, ex: Exchange) -> Verdict | None:
-        values = ex.headers.getall(self.header, [])
-        if not values:
-            return Verdict("DENY", 401, (Reason.AUTH_MISSING,),
-                           f"credentials required ({self.header})", self._challenge)
-        presented = values[0].strip()
-        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
-        entry = self._by_hash.get(digest)
-        if len(values) != 1 or entry is None or not hmac.compare_digest(entry.sha256, digest):
-            return Verdict("DENY", 401, (Reason.AUTH_INVALID,), "invalid credentials",
-                           self._challenge)
-        p = entry.principal
-        ex.principal = Principal(p.id, p.role, p.tenant, "api_key", entry.key_id)
-        return None
+        for auth in self.identity.authenticators:
+            result = await auth.authenticate(ex)
+            if result is None:
+                continue
+            if isinstance(result, AuthFailure):
+                return Verdict("DENY", 401, (Reason.AUTH_INVALID,), result.message,
+                               (("WWW-Authenticate", auth.invalid_challenge(result)),))
+            ex.principal = result
+            return None
+        return self._missing

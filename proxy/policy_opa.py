@@ -1,0 +1,150 @@
+"""External OPA through its Data API (``policy.engine: opa``).
+
+``POST {url}/v1/data/{path}`` with ``{"input": <policy input>}`` — the same
+input document the in-process engine sees — on one pooled aiohttp session
+(keep-alive connections are reused), bounded by ``policy.opa.timeout_ms``
+(350 ms by default).
+
+Failures and what they mean:
+
+- timeout, connection error, non-200 status, a body that is not a JSON
+  object: the engine *could not answer* → :class:`PolicyUnavailable` (the
+  policy stage fails closed on writes, open on reads: 503 ``OPA_Unavailable``)
+  and ``casf_opa_error_total{kind}`` with kind ``timeout``, ``unavailable``,
+  ``bad_status`` or ``bad_response``;
+- a JSON object without ``result`` (the decision is undefined, e.g. OPA has
+  no such package loaded) or whose ``result`` is not a decision document:
+  the engine *answered* something unusable → deny with ``Policy_BadResult``,
+  exactly like the in-process engine (counted as ``bad_response``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.config import OpaConfig, PolicyConfig
+from proxy.metrics import Metrics
+from proxy.policy_regorus import RegorusEngine, parse_decision
+from proxy.ports import PolicyEngine, PolicyOutcome, PolicyResult, PolicyUnavailable
+from proxy.reasons import Reason
+
+log = logging.getLogger("casf.policy")
+
+MAX_RESPONSE_BYTES = 1_048_576
+
+
+class OpaError(StrEnum):
+    """``casf_opa_error_total{kind}`` label values."""
+
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    BAD_STATUS = "bad_status"
+    BAD_RESPONSE = "bad_response"
+
+
+class OpaEngine:
+    """The external engine; :meth:`evaluate` raises only :class:`PolicyUnavailable`."""
+
+    def __init__(self, cfg: OpaConfig, policy_hash: str, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self._hash = policy_hash
+        self._metrics = metrics
+        self._endpoint = f"{cfg.url}/v1/data/{cfg.path}"
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def policy_hash(self) -> str:
+        return self._hash
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.pool_size,
+                                         limit_per_host=self.cfg.pool_size,
+                                         keepalive_timeout=30, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _unavailable(self, kind: OpaError, detail: str) -> PolicyUnavailable:
+        self._metrics.opa_errors.labels(kind.value).inc()
+        log.warning("OPA %s: %s (%s)", kind.value, detail, self._endpoint)
+        return PolicyUnavailable(f"opa {kind.value}: {detail}")
+
+    async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
+        session = self._session
+        if session is None:
+            raise self._unavailable(OpaError.UNAVAILABLE, "engine not started")
+        payload = orjson.dumps({"input": policy_input})
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                async with session.post(self._endpoint, data=payload,
+                                        headers={"Content-Type": "application/json"},
+                                        allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        raise self._unavailable(OpaError.BAD_STATUS, f"HTTP {resp.status}")
+                    body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+        except TimeoutError as exc:
+            raise self._unavailable(OpaError.TIMEOUT,
+                                    f"no answer within {self.cfg.timeout_s * 1000:.0f} ms"
+                                    ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._unavailable(OpaError.UNAVAILABLE, type(exc).__name__) from exc
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise self._unavailable(OpaError.BAD_RESPONSE, "response too large")
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise self._unavailable(OpaError.BAD_RESPONSE, "response is not JSON") from exc
+        if not isinstance(doc, dict):
+            raise self._unavailable(OpaError.BAD_RESPONSE, "response is not a JSON object")
+        if "result" not in doc:
+            self._metrics.opa_errors.labels(OpaError.BAD_RESPONSE.value).inc()
+            log.warning("OPA decision %s is undefined (is the policy loaded?)", self._endpoint)
+            return PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_BAD_RESULT)
+        result = parse_decision(doc["result"])
+        if result.error is not None:
+            self._metrics.opa_errors.labels(OpaError.BAD_RESPONSE.value).inc()
+        return result
+
+    async def healthy(self) -> bool:
+        """OPA's own ``GET /health`` (readiness)."""
+        if self._session is None:
+            return False
+        try:
+            async with asyncio.timeout(max(self.cfg.timeout_s, 1.0)):
+                async with self._session.get(f"{self.cfg.url}/health") as resp:
+                    return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+
+@contextlib.asynccontextmanager
+async def open_policy_engine(cfg: PolicyConfig, metrics: Metrics
+                             ) -> AsyncIterator[PolicyEngine]:
+    """The configured engine: in-process regorus, or an external OPA (closed on exit)."""
+    if cfg.engine != "opa":
+        regorus = RegorusEngine(cfg)
+        try:
+            yield regorus
+        finally:
+            regorus.close()
+        return
+    assert cfg.opa is not None
+    engine = OpaEngine(cfg.opa, cfg.policy_hash, metrics)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()

@@ -21,22 +21,31 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.audit.postgres import PostgresAuditSink
 from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
 from proxy.forward import new_session
+from proxy.identity import Identity, open_identity
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
-from proxy.policy_regorus import RegorusEngine
-from proxy.ports import AdmissionStore, AuditSink, AuditUnavailable, ModeStore, StoreUnavailable
+from proxy.policy_opa import OpaEngine, open_policy_engine
+from proxy.ports import (
+    AdmissionStore,
+    AuditSink,
+    AuditUnavailable,
+    ModeStore,
+    PolicyEngine,
+    StoreUnavailable,
+)
 from proxy.reasons import Reason
 from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisModeStore, RedisSettings
 from proxy.settings import Environment
 from proxy.stages import Stage
 from proxy.stages.admission import AdmissionStage
 from proxy.stages.attributes import AttributeBuilder
-from proxy.stages.authenticate import ApiKeyAuthenticator
+from proxy.stages.authenticate import AuthenticateStage
 from proxy.stages.policy import PolicyStage
 from proxy.stages.ratelimit import RateRules
 
@@ -53,21 +62,27 @@ class Runtime:
     pipeline: Pipeline
     backends: dict[str, str] = field(default_factory=dict)
     redis: RedisConnection | None = None
+    identity: Identity | None = None
+    engine: PolicyEngine | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, cfg: Config, env: Environment) -> AsyncIterator[Runtime]:
         metrics = Metrics()
+        audit: SqliteAuditSink | PostgresAuditSink
         if env.pg_dsn:
-            # the PostgreSQL audit store is a separate capability; refusing to start is
-            # safer than silently auditing somewhere else
-            raise RuntimeError("PG_DSN is set but the PostgreSQL audit store is not available "
-                               "in this build; unset it to audit to SQLite")
-        engine = RegorusEngine(cfg.policy)
-        audit = SqliteAuditSink(cfg.audit.sqlite_path, cfg.audit.chain_id,
-                                batch_max=cfg.audit.batch_max,
-                                batch_wait_s=cfg.audit.batch_wait_s,
-                                timeout_s=cfg.audit.timeout_s)
+            audit = PostgresAuditSink(
+                env.pg_dsn, cfg.audit.chain_id if cfg.audit.chain_id_set else None,
+                host=env.get("HOSTNAME") or socket.gethostname() or "casf",
+                batch_max=cfg.audit.batch_max, batch_wait_s=cfg.audit.batch_wait_s,
+                timeout_s=cfg.audit.timeout_s)
+            audit_kind, audit_where = "postgresql", "PostgreSQL (PG_DSN)"
+        else:
+            audit = SqliteAuditSink(cfg.audit.sqlite_path, cfg.audit.chain_id,
+                                    batch_max=cfg.audit.batch_max,
+                                    batch_wait_s=cfg.audit.batch_wait_s,
+                                    timeout_s=cfg.audit.timeout_s)
+            audit_kind, audit_where = "sqlite", f"SQLite at {cfg.audit.sqlite_path}"
         await audit.start()
         conn: RedisConnection | None = None
         mode_follow: RedisModeStore | None = None
@@ -80,32 +95,37 @@ class Runtime:
                     env.redis_url, cluster=rc.cluster, timeout_s=rc.timeout_s,
                     pool_size=rc.pool_size, key_prefix=rc.key_prefix,
                     mode_refresh_s=rc.mode_refresh_s))
+                if not await conn.prepare():
+                    log.error("Redis is unreachable at startup: writes fail closed until it is")
                 state = RedisAdmissionStore(conn)
                 mode = mode_follow = RedisModeStore(conn, cfg.mode_default)
                 await mode_follow.start()
-                backends = {"state": "redis", "audit": "sqlite", "policy": "regorus"}
-                log.warning("shared state on Redis%s; SQLite audit at %s",
-                            " Cluster" if rc.cluster else "", cfg.audit.sqlite_path)
+                backends = {"state": "redis", "audit": audit_kind, "policy": cfg.policy.engine}
+                log.warning("shared state on Redis%s; audit on %s (chain %r)",
+                            " Cluster" if rc.cluster else "", audit_where, audit.chain_id)
             else:
                 state = MemoryAdmissionStore()
                 mode = MemoryModeStore(cfg.mode_default)
-                backends = {"state": "memory", "audit": "sqlite", "policy": "regorus"}
-                log.warning("running embedded: in-memory replay/rate-limit/mode state, SQLite "
-                            "audit at %s (not shared between replicas)", cfg.audit.sqlite_path)
-            assert cfg.identity.api_keys is not None
-            auth = ApiKeyAuthenticator(cfg.identity.api_keys)
-            stages: list[Stage] = [
-                auth,
-                AttributeBuilder(),
-                AdmissionStage(cfg.replay, RateRules(cfg.rate_limits), state,
-                               cfg.replay_lease_s, metrics),
-                PolicyStage(engine),
-            ]
-            async with new_session(cfg.upstream) as session:
+                backends = {"state": "memory", "audit": audit_kind, "policy": cfg.policy.engine}
+                log.warning("running embedded: in-memory replay/rate-limit/mode state (not "
+                            "shared between replicas); audit on %s (chain %r)", audit_where,
+                            audit.chain_id)
+            async with (open_policy_engine(cfg.policy, metrics) as engine,
+                        open_identity(cfg.identity, env, metrics) as identity,
+                        new_session(cfg.upstream) as session):
+                stages: list[Stage] = [
+                    AuthenticateStage(identity),
+                    AttributeBuilder(),
+                    AdmissionStage(cfg.replay, RateRules(cfg.rate_limits, cfg.budgets), state,
+                                   cfg.replay_lease_s, metrics),
+                    PolicyStage(engine),
+                ]
                 pipeline = Pipeline(cfg, stages, state=state, mode=mode, audit=audit,
                                     policy_hash=engine.policy_hash, metrics=metrics,
-                                    session=session, consumed_headers=(auth.header,))
-                yield cls(cfg, env, metrics, audit, mode, pipeline, backends, conn)
+                                    session=session, consumed_headers=identity.consumed_headers,
+                                    stripped_headers=identity.stripped_headers)
+                yield cls(cfg, env, metrics, audit, mode, pipeline, backends, conn,
+                          identity=identity, engine=engine)
         finally:
             if mode_follow is not None:
                 await mode_follow.close()
@@ -122,13 +142,15 @@ class Runtime:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/admin/mode", self._get_mode)
         app.router.add_put("/admin/mode", self._put_mode)
+        app.router.add_post("/admin/identity/reload", self._reload_identity)
         return app
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        checks = {"config": "ok", "policy": "ok",
+        policy_ok = not isinstance(self.engine, OpaEngine) or await self.engine.healthy()
+        checks = {"config": "ok", "policy": "ok" if policy_ok else "unavailable",
                   "audit": "ok" if await self.audit.healthy() else "unavailable"}
         if self.redis is not None:
             checks["redis"] = "ok" if await self.redis.ping() else "unavailable"
@@ -155,6 +177,14 @@ class Runtime:
             return web.json_response({"error": "unauthorised"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    async def _reload_identity(self, request: web.Request) -> web.Response:
+        """Re-read API keys and refetch the JWKS now (docs/identity.md)."""
+        denied = self._authorised(request)
+        if denied is not None:
+            return denied
+        loaded = await self.identity.reload() if self.identity is not None else {}
+        return web.json_response({"reloaded": loaded})
 
     async def _get_mode(self, request: web.Request) -> web.Response:
         denied = self._authorised(request)

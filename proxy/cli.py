@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, ConfigError, load_config
 from proxy.settings import Environment
+
+if TYPE_CHECKING:
+    from proxy.audit.verify import AuditReader
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -121,45 +127,240 @@ def cmd_policy_test(args: argparse.Namespace, env: Environment) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-# ------------------------------------------------------------ audit verify
+# ------------------------------------------------------------ audit
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the audit store cannot be reached or read" (exit 2)."""
+    import sqlite3
+
+    import asyncpg
+
+    from proxy.ports import AuditUnavailable
+
+    return (OSError, TimeoutError, sqlite3.Error, AuditUnavailable, asyncpg.PostgresError,
+            asyncpg.InterfaceError)
+
+
+@contextlib.asynccontextmanager
+async def _open_reader(cfg: Config, env: Environment) -> AsyncIterator[tuple[AuditReader, str]]:
+    """The configured audit store, read-only: PostgreSQL when PG_DSN is set, else SQLite."""
+    if env.pg_dsn:
+        from proxy.audit.postgres import PostgresReader
+
+        async with PostgresReader.open(env.pg_dsn) as pg:
+            yield pg, "postgresql"
+    else:
+        from proxy.audit.sqlite import SqliteReader
+
+        async with SqliteReader.open(cfg.audit.sqlite_path) as lite:
+            yield lite, "sqlite"
+
+
+def _window(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    from proxy.audit.verify import normalise_ts
+
+    since = normalise_ts(args.since) if args.since else None
+    until = normalise_ts(args.until) if args.until else None
+    return since, until
+
+
+def _run_store(name: str, coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        return asyncio.run(coro)
+    except _store_errors() as exc:
+        print(f"casf-proxy {name}: audit store unavailable: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 def cmd_audit_verify(args: argparse.Namespace, env: Environment) -> int:
-    import sqlite3
-
-    from proxy.audit.chain import Break, ChainCheck, verify_records
-    from proxy.audit.sqlite import connect, iter_records
-    from proxy.ports import AuditUnavailable
-
     cfg = _config(args, env)
     try:
-        conn = connect(cfg.audit.sqlite_path, create=False)
-    except AuditUnavailable as exc:
-        print(f"casf-proxy audit verify: {exc}", file=sys.stderr)
+        since, until = _window(args)
+    except ValueError as exc:
+        print(f"casf-proxy audit verify: --since/--until: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    broken = 0
-    chains = 0
-    total = 0
-    try:
-        for item in verify_records(iter_records(conn, args.chain, args.since, args.until)):
-            if isinstance(item, Break):
+    anchor: bytes | None = None
+    if args.digest:
+        try:
+            anchor = Path(args.digest).read_bytes()
+        except OSError as exc:
+            print(f"casf-proxy audit verify: cannot read {args.digest}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+    return _run_store("audit verify", _verify(cfg, env, args.chain, since, until, anchor))
+
+
+async def _verify(cfg: Config, env: Environment, chain: str | None, since: str | None,
+                  until: str | None, anchor: bytes | None) -> int:
+    from proxy.audit.chain import record_hash
+    from proxy.audit.digest import verify as verify_digest
+    from proxy.audit.verify import check_chains
+
+    broken = chains = total = 0
+    async with _open_reader(cfg, env) as (reader, store):
+        async for res in check_chains(reader, chain, since, until):
+            chains += 1
+            if res.broken is not None:
                 broken += 1
-                print(f"BROKEN {item}")
-            elif isinstance(item, ChainCheck):
-                chains += 1
-                total += item.count
-                print(f"ok chain {item.chain_id!r}: {item.count} records, "
-                      f"last hash {item.prev_hash}")
-    except sqlite3.Error as exc:
-        print(f"casf-proxy audit verify: cannot read {cfg.audit.sqlite_path}: {exc}",
-              file=sys.stderr)
-        return EXIT_ERROR
-    finally:
-        conn.close()
+                print(f"BROKEN {res.broken} [{res.broken.kind}]")
+                continue
+            c = res.check
+            total += c.count
+            print(f"ok chain {res.chain_id!r}: {c.count} records (seq {c.first_seq}.."
+                  f"{c.last_seq}), last hash {c.last_hash}")
+        if anchor is not None:
+            ok, notes = verify_digest(anchor)
+            if not ok:
+                print("BROKEN digest file: " + "; ".join(notes))
+                broken += 1
+            else:
+                import orjson
+
+                for entry in orjson.loads(anchor)["chains"]:
+                    cid = entry["chain_id"]
+                    if chain is not None and cid != chain:
+                        continue
+                    for seq, want in ((entry["first_seq"], entry["first_hash"]),
+                                      (entry["last_seq"], entry["last_hash"])):
+                        rec = await reader.record_at(cid, seq)
+                        if rec is None or rec.get("hash") != want or record_hash(rec) != want:
+                            broken += 1
+                            what = "missing" if rec is None else "not the record the digest saw"
+                            print(f"BROKEN chain {cid!r} seq {seq}: {what} "
+                                  "(records removed or replaced after the digest)")
+                            break
+                    else:
+                        print(f"ok chain {cid!r} still holds the digest's records "
+                              f"seq {entry['first_seq']}..{entry['last_seq']}")
     if broken:
-        print(f"chain verification FAILED: {broken} broken chain(s)")
+        print(f"chain verification FAILED ({store}): {broken} problem(s)")
         return EXIT_FAILED
-    print(f"chain verification ok: {chains} chain(s), {total} records")
+    if chain is not None and chains == 0 and since is None and until is None:
+        print(f"chain verification FAILED ({store}): no records for chain {chain!r}")
+        return EXIT_FAILED
+    print(f"chain verification ok ({store}): {chains} chain(s), {total} records")
+    return EXIT_OK
+
+
+def cmd_audit_migrate(args: argparse.Namespace, env: Environment) -> int:
+    cfg = _config(args, env)
+    if not env.pg_dsn:
+        from proxy.audit.sqlite import connect
+
+        try:
+            connect(cfg.audit.sqlite_path, create=True).close()
+        except _store_errors() as exc:
+            print(f"casf-proxy audit migrate: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"ok: SQLite audit store ready at {cfg.audit.sqlite_path} (PG_DSN is not set)")
+        return EXIT_OK
+    from proxy.audit.postgres import migrate
+
+    async def run() -> int:
+        assert env.pg_dsn is not None
+        for version, state in await migrate(env.pg_dsn):
+            print(f"{version}: {'applied' if state == 'applied' else 'already applied'}")
+        print("ok: PostgreSQL audit schema is up to date")
+        return EXIT_OK
+
+    return _run_store("audit migrate", run())
+
+
+def cmd_audit_digest(args: argparse.Namespace, env: Environment) -> int:
+    from proxy.audit import digest
+
+    if args.verify:
+        try:
+            raw = Path(args.verify).read_bytes()
+            key = digest.load_key(Path(args.key)) if args.key else None
+        except OSError as exc:
+            print(f"casf-proxy audit digest: cannot read {args.verify}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        except digest.DigestError as exc:
+            print(f"casf-proxy audit digest: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        ok, notes = digest.verify(raw, key)
+        for note in notes:
+            print(note)
+        print(f"digest {args.verify}: {'ok' if ok else 'FAILED'}")
+        return EXIT_OK if ok else EXIT_FAILED
+    cfg = _config(args, env)
+    window: tuple[str, str] | None = None
+    if args.date:
+        from proxy.audit.verify import day_window
+
+        try:
+            window = day_window(args.date)
+        except ValueError as exc:
+            print(f"casf-proxy audit digest: --date: {exc} (use YYYY-MM-DD, UTC)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer: Ed25519PrivateKey | None = None
+    if args.sign:
+        try:
+            loaded = digest.load_key(Path(args.sign))
+        except digest.DigestError as exc:
+            print(f"casf-proxy audit digest: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(loaded, Ed25519PrivateKey):
+            signer = loaded
+        else:
+            print(f"casf-proxy audit digest: --sign needs a private key; {args.sign} is a "
+                  "public key", file=sys.stderr)
+            return EXIT_ERROR
+    built: list[dict[str, Any]] = []
+    code = _run_store("audit digest", _digest(cfg, env, args.date, window, built))
+    if code != EXIT_OK:
+        return code
+    doc = built[0]
+    if signer is not None:
+        doc = digest.sign(doc, signer)
+    data = digest.serialise(doc)
+    if args.out:
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as exc:
+            print(f"casf-proxy audit digest: cannot write {args.out}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    print(f"digest: {len(doc['chains'])} chain(s), {doc['records']} records, merkle root "
+          f"{doc['merkle_root']}, digest hash {doc['digest_hash']}"
+          + (f", signed (key {doc['signature']['key_id']})" if signer is not None else ""),
+          file=sys.stderr)
+    return EXIT_OK
+
+
+async def _digest(cfg: Config, env: Environment, day: str | None,
+                  window: tuple[str, str] | None, out: list[dict[str, Any]]) -> int:
+    """Verify what the digest covers and build it (appended to ``out``); exit code."""
+    from proxy.audit import digest
+    from proxy.audit.records import now_iso
+    from proxy.audit.verify import check_chains
+
+    since, until = window if window else (None, None)
+    entries: list[dict[str, Any]] = []
+    broken = 0
+    async with _open_reader(cfg, env) as (reader, store):
+        async for res in check_chains(reader, None, since, until):
+            if res.broken is not None:
+                broken += 1
+                print(f"BROKEN {res.broken} [{res.broken.kind}]", file=sys.stderr)
+            else:
+                entries.append(res.summary())
+    if broken:
+        print(f"casf-proxy audit digest: {broken} broken chain(s): no digest written "
+              "(run `casf-proxy audit verify`, see docs/audit.md runbook)", file=sys.stderr)
+        return EXIT_FAILED
+    out.append(digest.build(entries, store=store, created_at=now_iso(), day=day,
+                            window=window))
     return EXIT_OK
 
 
@@ -198,7 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--chain", help="verify one chain only")
     p_verify.add_argument("--since", help="ISO-8601 start of a time window (inclusive)")
     p_verify.add_argument("--until", help="ISO-8601 end of a time window (exclusive)")
+    p_verify.add_argument("--digest", metavar="FILE",
+                          help="also check the store still holds the records a digest covers")
     p_verify.set_defaults(func=cmd_audit_verify)
+
+    p_migrate = audit_sub.add_parser("migrate", help="create or upgrade the audit schema "
+                                     "(PostgreSQL with PG_DSN, else the SQLite file)")
+    with_config(p_migrate)
+    p_migrate.set_defaults(func=cmd_audit_migrate)
+
+    p_digest = audit_sub.add_parser("digest", help="summarise every chain (optionally signed), "
+                                    "or --verify a digest file")
+    with_config(p_digest)
+    p_digest.add_argument("--date", help="UTC day YYYY-MM-DD to cover (default: everything)")
+    p_digest.add_argument("--sign", metavar="KEYFILE",
+                          help="Ed25519 private key (PEM) to sign the digest with")
+    p_digest.add_argument("--out", metavar="FILE", help="write the digest here (default: stdout)")
+    p_digest.add_argument("--verify", metavar="FILE", help="check a digest file instead")
+    p_digest.add_argument("--key", metavar="KEYFILE",
+                          help="with --verify: the signer's public (or private) key (PEM)")
+    p_digest.set_defaults(func=cmd_audit_digest)
     return parser
 
 

@@ -13,7 +13,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 import yaml
@@ -87,14 +89,76 @@ class ApiKeyEntry:
 
 @dataclass(frozen=True, slots=True)
 class ApiKeysConfig:
+    """API keys from a keys file and/or a mounted Secret directory (docs/identity.md).
+
+    ``keys`` is what was read at load; the authenticator re-reads both sources
+    when they change (checked every ``reload_interval_s``) or on a reload call.
+    """
+
     header: str
-    keys_file: Path
+    keys_file: Path | None
     keys: tuple[ApiKeyEntry, ...]
+    keys_dir: Path | None = None
+    reload_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class JwtClaimNames:
+    """Which claims carry the actor, role and tenant (dotted paths allowed)."""
+
+    actor: str = "sub"
+    role: str = "role"
+    tenant: str = "tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """Bearer JWTs verified against a JWKS (file or URL) and/or an HS256 secret.
+
+    ``algorithms`` is the allow list (never ``none``); each JWKS key is further
+    pinned to the one algorithm its type allows. ``hs256_secret`` comes only
+    from the environment variable named by ``hs256_secret_env``.
+    """
+
+    issuers: tuple[str, ...]
+    audiences: tuple[str, ...]
+    algorithms: frozenset[str]
+    header: str = "Authorization"
+    leeway_s: float = 30.0
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    jwks_timeout_s: float = 2.0
+    jwks_refresh_s: float = 300.0
+    jwks_min_refresh_s: float = 10.0
+    hs256_secret: bytes | None = field(default=None, repr=False)
+    hs256_kid: str | None = None
+    claims: JwtClaimNames = JwtClaimNames()
+    require_tenant: bool = False
+    cache_size: int = 10_000
+    max_token_bytes: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedHeadersConfig:
+    """Identity asserted by headers, honoured only from ``sources`` (off by default)."""
+
+    sources: tuple[IPv4Network | IPv6Network, ...]
+    actor_header: str = "X-Casf-Actor"
+    role_header: str = "X-Casf-Role"
+    tenant_header: str = "X-Casf-Tenant"
+
+
+AUTH_METHODS = ("jwt", "api_keys", "trusted_headers")
 
 
 @dataclass(frozen=True, slots=True)
 class IdentityConfig:
+    """The authenticators, tried in ``order``; the first that recognises a credential decides."""
+
     api_keys: ApiKeysConfig | None
+    jwt: JwtConfig | None = None
+    trusted_headers: TrustedHeadersConfig | None = None
+    order: tuple[str, ...] = ("api_keys",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +180,32 @@ class RateLimitRule:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    """Cost quotas of one calendar period each (``None``: no quota for that period)."""
+
+    daily: int | None
+    monthly: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    """A per-tenant cost quota over a set of tools (seed 004's budget gates).
+
+    Every tenant has its own counters; ``tenants`` overrides the default limits
+    for named tenants. Periods are UTC calendar days and months.
+    """
+
+    name: str
+    costs: Mapping[str, int]  # tool -> cost of one request
+    limits: BudgetLimits
+    tenants: Mapping[str, BudgetLimits]
+    warn_at: float
+
+    def limits_for(self, tenant: str | None) -> BudgetLimits:
+        return self.tenants.get(tenant, self.limits) if tenant is not None else self.limits
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     """How to use Redis when ``REDIS_URL`` is set (the URL itself is never in the file)."""
 
@@ -127,12 +217,24 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OpaConfig:
+    """An external OPA server asked through its Data API (``POST /v1/data/<path>``)."""
+
+    url: str
+    path: str  # "casf/decision" → POST {url}/v1/data/casf/decision
+    timeout_s: float = 0.35
+    pool_size: int = 32
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    bundle: Path
+    bundle: Path | None
     files: tuple[Path, ...]
     query: str = "data.casf"
     rego_v0: bool = False
     policy_hash: str = ""
+    engine: Literal["regorus", "opa"] = "regorus"
+    opa: OpaConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +245,9 @@ class AuditConfig:
     batch_wait_s: float = 0.0
     timeout_s: float = 2.0
     redact: Mapping[str, str] = field(default_factory=dict)
+    # false: chain_id was not configured; on PostgreSQL each process then takes
+    # the first free worker chain "{HOSTNAME}-{n}" (docs/audit.md, chains)
+    chain_id_set: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +287,7 @@ class Config:
     mode_default: Mode
     replay: ReplayConfig
     rate_limits: tuple[RateLimitRule, ...]
+    budgets: tuple[BudgetRule, ...]
     redis: RedisConfig
     policy: PolicyConfig
     audit: AuditConfig
@@ -311,12 +417,22 @@ class _Reader:
 
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
-             "redis", "policy", "audit", "routes", "unmatched", "defaults"}
+             "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _TARGET = re.compile(r"^(subject|args|context)\.[A-Za-z_][A-Za-z0-9_]*$")
 _PRINCIPAL_FIELDS = {"id", "role", "tenant"}
+
+
+def rego_files(directory: Path) -> list[Path]:
+    """The ``.rego`` files under ``directory``, sorted, skipping hidden entries.
+
+    A Kubernetes ConfigMap volume holds its files twice: as symlinks at the
+    top and inside a hidden ``..<timestamp>`` directory; only the first count.
+    """
+    return sorted(p for p in directory.rglob("*.rego")
+                  if not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
 def load_config(path: str | Path, env: Environment) -> Config:
@@ -344,7 +460,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     listen = r.mapping(top.get("listen"), "listen")
     r.known(listen, "listen", {"traffic", "admin"})
     traffic = r.listener(listen, "traffic", "0.0.0.0:8080")
-    admin = r.listener(listen, "admin", "127.0.0.1:9901")
+    admin = r.listener(listen, "admin", "0.0.0.0:9901")
 
     up = r.mapping(top.get("upstream"), "upstream")
     r.known(up, "upstream", {"url", "connect_timeout_ms", "timeout_ms", "read_timeout_ms",
@@ -406,9 +522,17 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
             r.fail(f"{p}.tools", "is required", "list the tool names this limit applies to")
         rules.append(RateLimitRule(
             name=r.string(m, "name", p, f"rule{i}"), tools=tools, key=key,
-            limit=r.integer(m, "limit", p, 0, 1),
-            window_s=r.number(m, "window_seconds", p, 0, 0.001),
+            limit=r.integer(m, "limit", p, 0, 1) if "limit" in m else r.fail(
+                f"{p}.limit", "is required", "the number of requests allowed per window"),
+            window_s=r.number(m, "window_seconds", p, 0, 0.001) if "window_seconds" in m
+            else r.fail(f"{p}.window_seconds", "is required", "the window length in seconds"),
             cost=r.integer(m, "cost", p, 1, 1)))
+
+    budgets = tuple(_budget(r, i, raw) for i, raw in enumerate(r.seq(top, "budgets", "")))
+    names = [b.name for b in budgets] + [rule.name for rule in rules]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        r.fail("budgets" if dup in {b.name for b in budgets} else "rate_limits",
+               f"the name {dup!r} is used twice", "give every rate limit and budget its own name")
 
     rd = r.mapping(top.get("redis"), "redis")
     r.known(rd, "redis", {"cluster", "timeout_ms", "pool_size", "key_prefix",
@@ -439,11 +563,13 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     sqlite_path = Path(r.string(au, "sqlite_path", "audit", "casf-audit.db"))
     audit = AuditConfig(
         sqlite_path=sqlite_path if sqlite_path.is_absolute() else base / sqlite_path,
-        chain_id=r.string(au, "chain_id", "audit", env.get("HOSTNAME") or "casf-0"),
+        chain_id=(r.string(au, "chain_id", "audit") if au.get("chain_id")
+                  else env.get("HOSTNAME") or "casf-0"),
         batch_max=r.integer(au, "batch_max", "audit", 256, 1),
         batch_wait_s=r.number(au, "batch_wait_ms", "audit", 0, 0) / 1000,
         timeout_s=r.number(au, "timeout_ms", "audit", 2000, 1) / 1000,
         redact=redact,
+        chain_id_set=bool(au.get("chain_id")),
     )
 
     defaults = r.mapping(top.get("defaults"), "defaults")
@@ -478,10 +604,49 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
         identity=identity, mode_default=mode_default, replay=replay,
-        rate_limits=tuple(rules), redis=redis_cfg, policy=policy, audit=audit, routes=routes,
+        rate_limits=tuple(rules), budgets=budgets, redis=redis_cfg, policy=policy, audit=audit,
+        routes=routes,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest,
     )
+
+
+def _budget_limits(r: _Reader, m: Mapping[str, Any], p: str) -> BudgetLimits:
+    r.known(m, p, {"daily", "monthly"})
+    daily = r.integer(m, "daily", p, 0, 1) if m.get("daily") is not None else None
+    monthly = r.integer(m, "monthly", p, 0, 1) if m.get("monthly") is not None else None
+    if daily is None and monthly is None:
+        r.fail(p, "sets no quota", "set daily, monthly or both (cost units per period)")
+    return BudgetLimits(daily, monthly)
+
+
+def _budget(r: _Reader, i: int, raw: Any) -> BudgetRule:
+    p = f"budgets[{i}]"
+    m = r.mapping(raw, p)
+    r.known(m, p, {"name", "tools", "cost", "daily", "monthly", "tenants", "warn_at"})
+    tools = [str(t) for t in r.seq(m, "tools", p)]
+    if not tools:
+        r.fail(f"{p}.tools", "is required", "list the tool names whose calls this budget counts")
+    cost_raw = m.get("cost", 1)
+    costs: dict[str, int] = {}
+    if isinstance(cost_raw, dict):
+        unknown = set(cost_raw) - set(tools)
+        if unknown:
+            r.fail(f"{p}.cost.{sorted(unknown)[0]}", "is not one of this budget's tools",
+                   "add it to tools or remove it from cost")
+        for tool in tools:
+            costs[tool] = r.integer(cost_raw, tool, f"{p}.cost", 1, 0)
+    else:
+        one = r.integer(m, "cost", p, 1, 0)
+        costs = dict.fromkeys(tools, one)
+    limits = _budget_limits(r, {k: m[k] for k in ("daily", "monthly") if k in m}, p)
+    tenants = {str(t): _budget_limits(r, r.mapping(v, f"{p}.tenants.{t}"), f"{p}.tenants.{t}")
+               for t, v in r.mapping(m.get("tenants"), f"{p}.tenants").items()}
+    warn_at = r.number(m, "warn_at", p, 0.9, 0.0)
+    if warn_at > 1:
+        r.fail(f"{p}.warn_at", "must be a fraction between 0 and 1", "e.g. 0.9 for 90%")
+    return BudgetRule(name=r.string(m, "name", p, f"budget{i}"), costs=MappingProxyType(costs),
+                      limits=limits, tenants=MappingProxyType(tenants), warn_at=warn_at)
 
 
 def _route(r: _Reader, i: int, raw: Any, enforce_default: bool) -> RouteConfig:
@@ -546,78 +711,374 @@ def _route(r: _Reader, i: int, raw: Any, enforce_default: bool) -> RouteConfig:
     )
 
 
+_HS_MIN_SECRET = 32
+_JWT_ALGS = frozenset({"RS256", "PS256", "ES256", "EdDSA", "Ed25519", "HS256"})
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_CLAIM_PATH = re.compile(r"^[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def _identity(r: _Reader, m: Mapping[str, Any], base: Path, env: Environment) -> IdentityConfig:
-    r.known(m, "identity", {"api_keys"})
-    ak = m.get("api_keys")
-    if ak is None:
-        r.fail("identity.api_keys", "no authenticator is configured",
-               "configure identity.api_keys with a keys_file")
-    akm = r.mapping(ak, "identity.api_keys")
-    r.known(akm, "identity.api_keys", {"header", "keys_file"})
-    header = r.string(akm, "header", "identity.api_keys", "X-API-Key")
-    keys_path = Path(r.string(akm, "keys_file", "identity.api_keys"))
-    if not keys_path.is_absolute():
-        keys_path = base / keys_path
-    return IdentityConfig(ApiKeysConfig(header, keys_path, load_keys(keys_path, env)))
+    r.known(m, "identity", {"order", *AUTH_METHODS})
+    api_keys = _api_keys(r, m["api_keys"], base, env) if m.get("api_keys") is not None else None
+    jwt = _jwt(r, r.mapping(m["jwt"], "identity.jwt"), base, env) if m.get(
+        "jwt") is not None else None
+    trusted = _trusted_headers(r, r.mapping(m.get("trusted_headers"), "identity.trusted_headers"))
+    configured = {"api_keys": api_keys, "jwt": jwt, "trusted_headers": trusted}
+    raw_order = m.get("order")
+    if raw_order is None:
+        order = tuple(name for name in AUTH_METHODS if configured[name] is not None)
+    else:
+        if isinstance(raw_order, str):  # "jwt,api_keys": lets ${VAR} choose the methods
+            items: list[Any] = [x.strip() for x in r.expand(raw_order, "identity.order")
+                                .split(",") if x.strip()]
+        elif isinstance(raw_order, list):
+            items = raw_order
+        else:
+            r.fail("identity.order", "expected a list or a comma-separated string",
+                   "e.g. [jwt, api_keys]")
+        order_list: list[str] = []
+        for i, item in enumerate(items):
+            name = str(item)
+            if name not in AUTH_METHODS:
+                r.fail(f"identity.order[{i}]", f"{name!r} is not an authenticator",
+                       "one of: " + ", ".join(AUTH_METHODS))
+            if configured[name] is None:
+                r.fail(f"identity.order[{i}]", f"{name!r} is not configured",
+                       f"configure identity.{name} or remove it from identity.order")
+            if name in order_list:
+                r.fail(f"identity.order[{i}]", f"{name!r} is listed twice")
+            order_list.append(name)
+        order = tuple(order_list)
+    if not order:
+        r.fail("identity", "no authenticator is configured",
+               "configure identity.api_keys, identity.jwt or identity.trusted_headers")
+    return IdentityConfig(api_keys=api_keys if "api_keys" in order else None,
+                          jwt=jwt if "jwt" in order else None,
+                          trusted_headers=trusted if "trusted_headers" in order else None,
+                          order=order)
+
+
+def _header_name(r: _Reader, m: Mapping[str, Any], key: str, path: str, default: str) -> str:
+    name = r.string(m, key, path, default)
+    if not _HEADER_NAME.match(name):
+        r.fail(f"{path}.{key}", f"{name!r} is not an HTTP header name")
+    return name
+
+
+def _api_keys(r: _Reader, raw: Any, base: Path, env: Environment) -> ApiKeysConfig:
+    p = "identity.api_keys"
+    akm = r.mapping(raw, p)
+    r.known(akm, p, {"header", "keys_file", "keys_dir", "reload_interval_ms"})
+    header = _header_name(r, akm, "header", p, "X-API-Key")
+    keys_file = keys_dir = None
+    if akm.get("keys_file") is not None:
+        keys_file = Path(r.string(akm, "keys_file", p))
+        keys_file = keys_file if keys_file.is_absolute() else base / keys_file
+    if akm.get("keys_dir") is not None:
+        keys_dir = Path(r.string(akm, "keys_dir", p))
+        keys_dir = keys_dir if keys_dir.is_absolute() else base / keys_dir
+        if not keys_dir.is_dir():
+            r.fail(f"{p}.keys_dir", f"{keys_dir} is not a directory",
+                   "point it at the mounted Secret (one file per key id)")
+    if keys_file is None and keys_dir is None:
+        r.fail(p, "names no key source", "set keys_file, keys_dir or both")
+    cfg = ApiKeysConfig(header=header, keys_file=keys_file, keys=(), keys_dir=keys_dir,
+                        reload_interval_s=r.number(akm, "reload_interval_ms", p, 1000, 100)
+                        / 1000)
+    return ApiKeysConfig(header=cfg.header, keys_file=keys_file, keys=load_api_keys(cfg, env),
+                         keys_dir=keys_dir, reload_interval_s=cfg.reload_interval_s)
+
+
+def _str_list(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    v = m.get(key)
+    if v is None:
+        return ()
+    items = v if isinstance(v, list) else [v]
+    out: list[str] = []
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            r.fail(f"{path}.{key}[{i}]", f"expected a string, got {type(item).__name__}")
+        text = r.expand(str(item), f"{path}.{key}")
+        if not text:
+            r.fail(f"{path}.{key}[{i}]", "is empty")
+        out.append(text)
+    return tuple(out)
+
+
+def _jwt(r: _Reader, m: Mapping[str, Any], base: Path, env: Environment) -> JwtConfig:
+    p = "identity.jwt"
+    r.known(m, p, {"header", "issuer", "audience", "algorithms", "leeway_seconds", "jwks_file",
+                   "jwks_url", "allow_http", "jwks_timeout_ms", "jwks_refresh_seconds",
+                   "jwks_min_refresh_seconds", "hs256_secret_env", "hs256_kid", "claims",
+                   "require_tenant", "cache_size", "max_token_bytes"})
+    issuers = _str_list(r, m, "issuer", p)
+    if not issuers:
+        r.fail(f"{p}.issuer", "is required", "the identity provider's iss value (or a list)")
+    audiences = _str_list(r, m, "audience", p)
+    if not audiences:
+        r.fail(f"{p}.audience", "is required", "the aud value tokens for this API carry")
+    algs = set(_str_list(r, m, "algorithms", p) or ("RS256", "PS256", "ES256", "EdDSA"))
+    for alg in sorted(algs):
+        if alg not in _JWT_ALGS:
+            r.fail(f"{p}.algorithms", f"{alg!r} is not supported",
+                   "choose from RS256, PS256, ES256, EdDSA (HS256 via hs256_secret_env)")
+    if "EdDSA" in algs or "Ed25519" in algs:
+        algs |= {"EdDSA", "Ed25519"}  # RFC 9864's name for the same Ed25519 signature
+    secret: bytes | None = None
+    secret_env = r.opt_string(m, "hs256_secret_env", p)
+    if secret_env is not None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", secret_env):
+            r.fail(f"{p}.hs256_secret_env", f"{secret_env!r} is not an environment variable name",
+                   "name the variable holding the secret, e.g. CASF_JWT_HS256_SECRET")
+        value = env.get(secret_env)
+        if value is None:
+            r.fail(f"{p}.hs256_secret_env", f"environment variable {secret_env} is not set",
+                   f"export {secret_env} with a random secret of at least {_HS_MIN_SECRET} bytes")
+        secret = value.encode()
+        if len(secret) < _HS_MIN_SECRET:
+            r.fail(f"{p}.hs256_secret_env",
+                   f"the secret in {secret_env} is shorter than {_HS_MIN_SECRET} bytes",
+                   "use e.g. `openssl rand -base64 48`")
+        algs.add("HS256")
+    elif "HS256" in algs:
+        r.fail(f"{p}.algorithms", "HS256 needs a shared secret",
+               "set identity.jwt.hs256_secret_env to the variable holding it")
+    jwks_file: Path | None = None
+    if m.get("jwks_file") is not None:
+        jwks_file = Path(r.string(m, "jwks_file", p))
+        jwks_file = jwks_file if jwks_file.is_absolute() else base / jwks_file
+        if not jwks_file.is_file():
+            r.fail(f"{p}.jwks_file", f"{jwks_file} is not a file",
+                   "point it at a JSON Web Key Set ({\"keys\": [...]})")
+    jwks_url = r.opt_string(m, "jwks_url", p)
+    if jwks_url is not None:
+        m_url = re.match(r"^(https?)://(\[[^\]]+\]|[^/:]+)(:\d+)?(/|$)", jwks_url)
+        if m_url is None:
+            r.fail(f"{p}.jwks_url", f"{jwks_url!r} is not an http(s) URL",
+                   "e.g. https://idp.example.com/.well-known/jwks.json")
+        host = m_url.group(2).strip("[]")
+        loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+        if m_url.group(1) == "http" and not loopback and not r.boolean(m, "allow_http", p, False):
+            r.fail(f"{p}.jwks_url", "plain http lets the network substitute signing keys",
+                   "use https, or set identity.jwt.allow_http: true for a trusted network")
+    if jwks_file is not None and jwks_url is not None:
+        r.fail(p, "jwks_file and jwks_url are both set", "use one key set source")
+    if jwks_file is None and jwks_url is None and secret is None:
+        r.fail(p, "has no verification key", "set jwks_url, jwks_file or hs256_secret_env")
+    cm = r.mapping(m.get("claims"), f"{p}.claims")
+    r.known(cm, f"{p}.claims", {"actor", "role", "tenant"})
+    names: dict[str, str] = {}
+    for key, default in (("actor", "sub"), ("role", "role"), ("tenant", "tenant")):
+        names[key] = r.string(cm, key, f"{p}.claims", default)
+        if not _CLAIM_PATH.match(names[key]):
+            r.fail(f"{p}.claims.{key}", f"{names[key]!r} is not a claim name",
+                   "a claim name, or a dotted path such as realm_access.role")
+    hs256_kid = r.opt_string(m, "hs256_kid", p)
+    if hs256_kid is not None and secret is None:
+        r.fail(f"{p}.hs256_kid", "is set without hs256_secret_env")
+    return JwtConfig(
+        issuers=issuers, audiences=audiences, algorithms=frozenset(algs),
+        header=_header_name(r, m, "header", p, "Authorization"),
+        leeway_s=r.number(m, "leeway_seconds", p, 30, 0),
+        jwks_file=jwks_file, jwks_url=jwks_url,
+        jwks_timeout_s=r.number(m, "jwks_timeout_ms", p, 2000, 10) / 1000,
+        jwks_refresh_s=r.number(m, "jwks_refresh_seconds", p, 300, 1),
+        jwks_min_refresh_s=r.number(m, "jwks_min_refresh_seconds", p, 10, 0),
+        hs256_secret=secret, hs256_kid=hs256_kid,
+        claims=JwtClaimNames(names["actor"], names["role"], names["tenant"]),
+        require_tenant=r.boolean(m, "require_tenant", p, False),
+        cache_size=r.integer(m, "cache_size", p, 10_000, 0),
+        max_token_bytes=r.integer(m, "max_token_bytes", p, 8192, 256),
+    )
+
+
+def _trusted_headers(r: _Reader, m: Mapping[str, Any]) -> TrustedHeadersConfig | None:
+    p = "identity.trusted_headers"
+    r.known(m, p, {"enabled", "sources", "headers"})
+    if not r.boolean(m, "enabled", p, False):
+        return None
+    nets: list[IPv4Network | IPv6Network] = []
+    for i, text in enumerate(_str_list(r, m, "sources", p)):
+        try:
+            net = ip_network(text, strict=False)
+        except ValueError:
+            r.fail(f"{p}.sources[{i}]", f"{text!r} is not an IP network", "e.g. 127.0.0.1/32")
+        if net.prefixlen == 0:
+            r.fail(f"{p}.sources[{i}]", f"{text} would trust every address",
+                   "name the networks of the component that authenticates callers")
+        nets.append(net)
+    if not nets:
+        r.fail(f"{p}.sources", "is required when enabled",
+               "list the source networks allowed to assert identity, e.g. [127.0.0.1/32]")
+    hm = r.mapping(m.get("headers"), f"{p}.headers")
+    r.known(hm, f"{p}.headers", {"actor", "role", "tenant"})
+    names = [_header_name(r, hm, key, f"{p}.headers", default) for key, default in
+             (("actor", "X-Casf-Actor"), ("role", "X-Casf-Role"), ("tenant", "X-Casf-Tenant"))]
+    if len({n.lower() for n in names}) != 3:
+        r.fail(f"{p}.headers", "actor, role and tenant must be different headers")
+    return TrustedHeadersConfig(tuple(nets), *names)
+
+
+_MAX_KEY_FILE = 1_048_576
+
+
+def load_api_keys(cfg: ApiKeysConfig, env: Environment) -> tuple[ApiKeyEntry, ...]:
+    """Every key of the keys file and the Secret directory; ids and hashes must be unique."""
+    entries: list[ApiKeyEntry] = []
+    if cfg.keys_file is not None:
+        entries.extend(load_keys(cfg.keys_file, env))
+    if cfg.keys_dir is not None:
+        entries.extend(load_keys_dir(cfg.keys_dir, env))
+    ids: set[str] = set()
+    digests: set[str] = set()
+    for e in entries:
+        where = str(cfg.keys_dir if cfg.keys_dir is not None else cfg.keys_file)
+        if e.key_id in ids:
+            raise ConfigError(where, e.key_id, "duplicate key id",
+                              "every key needs its own id (file name in keys_dir)")
+        if e.sha256 in digests:
+            raise ConfigError(where, e.key_id, "duplicate key hash",
+                              "the same key is listed twice")
+        ids.add(e.key_id)
+        digests.add(e.sha256)
+    return tuple(entries)
+
+
+def _key_entry(r: _Reader, m: Mapping[str, Any], p: str, key_id: str) -> ApiKeyEntry:
+    digest = r.string(m, "sha256", p).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        r.fail(f"{p}.sha256" if p else "sha256", "is not a hex SHA-256 digest",
+               "store sha256(key) in hex, never the key itself")
+    pp = f"{p}.principal" if p else "principal"
+    pm = r.mapping(m.get("principal"), pp)
+    r.known(pm, pp, {"id", "role", "tenant"})
+    return ApiKeyEntry(key_id=key_id, sha256=digest,
+                       principal=PrincipalSpec(r.string(pm, "id", pp), r.string(pm, "role", pp),
+                                               r.opt_string(pm, "tenant", pp)))
+
+
+def load_keys_dir(directory: Path, env: Environment) -> tuple[ApiKeyEntry, ...]:
+    """A mounted Secret: one file per key id (the file name), holding ``sha256`` and ``principal``.
+
+    Names starting with ``.`` (Kubernetes' ``..data`` links) are skipped.
+    """
+    try:
+        names = sorted(e.name for e in directory.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise ConfigError(str(directory), "", f"cannot list keys directory: {exc.strerror}",
+                          "check identity.api_keys.keys_dir") from exc
+    out: list[ApiKeyEntry] = []
+    for name in names:
+        path = directory / name
+        file = str(path)
+        if not path.is_file():
+            continue
+        if not _KEY_ID.match(name):
+            raise ConfigError(file, "", f"{name!r} is not a usable key id",
+                              "name each file after its key id: letters, digits, . _ -")
+        try:
+            if path.stat().st_size > _MAX_KEY_FILE:
+                raise ConfigError(file, "", "key file is too large")
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(file, "", f"cannot read key file: {exc.strerror}") from exc
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(file, "", f"not valid YAML: {exc}") from exc
+        r = _Reader(file, env)
+        m = r.mapping(data, "")
+        r.known(m, "", {"sha256", "principal"})
+        out.append(_key_entry(r, m, "", name))
+    return tuple(out)
 
 
 def load_keys(path: Path, env: Environment) -> tuple[ApiKeyEntry, ...]:
     """Parse a keys file: ``keys: [{id, sha256, principal: {id, role, tenant}}]``."""
     file = str(path)
     try:
+        if path.stat().st_size > _MAX_KEY_FILE:
+            raise ConfigError(file, "", "keys file is too large")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read keys file: {exc.strerror}",
                           "check identity.api_keys.keys_file") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(file, "", f"not valid YAML: {exc}") from exc
     r = _Reader(file, env)
     top = r.mapping(data, "")
     r.known(top, "", {"keys"})
     out: list[ApiKeyEntry] = []
     seen: set[str] = set()
+    ids: set[str] = set()
     for i, raw in enumerate(r.seq(top, "keys", "")):
         p = f"keys[{i}]"
         m = r.mapping(raw, p)
         r.known(m, p, {"id", "sha256", "principal"})
-        digest = r.string(m, "sha256", p).lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            r.fail(f"{p}.sha256", "is not a hex SHA-256 digest",
-                   "store sha256(key) in hex, never the key itself")
-        if digest in seen:
+        key_id = r.string(m, "id", p)
+        if not _KEY_ID.match(key_id):
+            r.fail(f"{p}.id", f"{key_id!r} is not a usable key id",
+                   "letters, digits, . _ - (at most 128 characters)")
+        if key_id in ids:
+            r.fail(f"{p}.id", "duplicate key id")
+        ids.add(key_id)
+        entry = _key_entry(r, m, p, key_id)
+        if entry.sha256 in seen:
             r.fail(f"{p}.sha256", "duplicate key hash")
-        seen.add(digest)
-        pm = r.mapping(m.get("principal"), f"{p}.principal")
-        r.known(pm, f"{p}.principal", {"id", "role", "tenant"})
-        out.append(ApiKeyEntry(
-            key_id=r.string(m, "id", p), sha256=digest,
-            principal=PrincipalSpec(r.string(pm, "id", f"{p}.principal"),
-                                    r.string(pm, "role", f"{p}.principal"),
-                                    r.opt_string(pm, "tenant", f"{p}.principal"))))
+        seen.add(entry.sha256)
+        out.append(entry)
     return tuple(out)
 
 
 def _policy(r: _Reader, m: Mapping[str, Any], base: Path) -> PolicyConfig:
-    r.known(m, "policy", {"engine", "bundle", "query", "rego_v0"})
+    r.known(m, "policy", {"engine", "bundle", "query", "rego_v0", "opa"})
     engine = r.string(m, "engine", "policy", "regorus")
-    if engine != "regorus":
-        r.fail("policy.engine", f"{engine!r} is not supported", "regorus (in-process)")
-    bundle = Path(r.string(m, "bundle", "policy"))
-    if not bundle.is_absolute():
-        bundle = base / bundle
-    if not bundle.is_dir():
-        r.fail("policy.bundle", f"{bundle} is not a directory", "point it at the Rego folder")
-    files = tuple(sorted(p for p in bundle.rglob("*.rego") if not p.name.endswith("_test.rego")))
-    if not files:
-        r.fail("policy.bundle", f"no .rego files in {bundle}")
+    if engine not in ("regorus", "opa"):
+        r.fail("policy.engine", f"{engine!r} is not supported",
+               "regorus (in-process) or opa (an external OPA server, see policy.opa)")
     query = r.string(m, "query", "policy", "data.casf")
     if not re.fullmatch(r"data(\.[A-Za-z_][A-Za-z0-9_]*)+", query):
         r.fail("policy.query", f"{query!r} is not a data reference", "e.g. data.casf")
+    opa = _opa(r, r.mapping(m.get("opa"), "policy.opa"), query) if engine == "opa" else None
+    if engine != "opa" and m.get("opa") is not None:
+        r.fail("policy.opa", "is set but policy.engine is not opa",
+               "set policy.engine: opa, or remove policy.opa")
+    bundle: Path | None = None
+    files: tuple[Path, ...] = ()
+    if engine == "regorus" or m.get("bundle") is not None:
+        bundle = Path(r.string(m, "bundle", "policy"))
+        if not bundle.is_absolute():
+            bundle = base / bundle
+        if not bundle.is_dir():
+            r.fail("policy.bundle", f"{bundle} is not a directory",
+                   "point it at the Rego folder")
+        files = tuple(p for p in rego_files(bundle) if not p.name.endswith("_test.rego"))
+        if not files:
+            r.fail("policy.bundle", f"no .rego files in {bundle}")
     h = hashlib.sha256()
-    for f in files:
-        rel = f.relative_to(bundle).as_posix().encode()
-        body = f.read_bytes()
-        h.update(len(rel).to_bytes(8, "big") + rel + len(body).to_bytes(8, "big") + body)
+    if bundle is not None:
+        for f in files:
+            rel = f.relative_to(bundle).as_posix().encode()
+            body = f.read_bytes()
+            h.update(len(rel).to_bytes(8, "big") + rel + len(body).to_bytes(8, "big") + body)
+    else:  # OPA without a local copy: the hash names the decision source, not its content
+        assert opa is not None
+        h.update(f"opa:{opa.url}/v1/data/{opa.path}".encode())
     return PolicyConfig(bundle=bundle, files=files, query=query,
                         rego_v0=r.boolean(m, "rego_v0", "policy", False),
-                        policy_hash="sha256:" + h.hexdigest())
+                        policy_hash="sha256:" + h.hexdigest(),
+                        engine="opa" if engine == "opa" else "regorus", opa=opa)
+
+
+def _opa(r: _Reader, m: Mapping[str, Any], query: str) -> OpaConfig:
+    p = "policy.opa"
+    r.known(m, p, {"url", "path", "timeout_ms", "pool_size"})
+    url = r.string(m, "url", p)
+    if not re.match(r"^https?://[^/]+/?$", url):
+        r.fail(f"{p}.url", f"{url!r} is not an OPA server URL",
+               "scheme, host and port only, e.g. http://127.0.0.1:8181")
+    path = r.string(m, "path", p, query.removeprefix("data.").replace(".", "/")).strip("/")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", path):
+        r.fail(f"{p}.path", f"{path!r} is not a decision path", "e.g. casf or casf/decision")
+    return OpaConfig(url=url.rstrip("/"), path=path,
+                     timeout_s=r.number(m, "timeout_ms", p, 350, 1) / 1000,
+                     pool_size=r.integer(m, "pool_size", p, 32, 1))

@@ -27,6 +27,12 @@ class Metrics:
                                        "Request ids reused with another payload", registry=r)
         self.rate_limited = Counter("casf_rate_limited_total", "Rate-limited requests",
                                     registry=r)
+        self.budget_warning = Counter("casf_budget_warning_total",
+                                      "Requests admitted past a budget's warning share",
+                                      ["budget"], registry=r)
+        self.budget_exceeded = Counter("casf_budget_exceeded_total",
+                                       "Requests refused by an exhausted budget", ["budget"],
+                                       registry=r)
         self.shadow_denied = Counter("casf_shadow_denied_total",
                                      "Requests shadow mode would have denied", registry=r)
         self.audit_events = Counter("casf_audit_events_total", "Audit records committed",
@@ -35,6 +41,15 @@ class Metrics:
                                     registry=r)
         for trigger in ("redis", "opa", "audit"):
             self.fail_closed.labels(trigger)  # present (at 0) before the first event
+        # identity (docs/identity.md) and the external OPA adapter (proxy/policy_opa.py)
+        self.opa_errors = Counter("casf_opa_error_total",
+                                  "External OPA calls that failed, by kind", ["kind"],
+                                  registry=r)
+        for kind in ("timeout", "unavailable", "bad_status", "bad_response"):
+            self.opa_errors.labels(kind)
+        self.identity_reload = Counter("casf_identity_reload_total",
+                                       "Reloads of API keys and JWKS fetches, by result",
+                                       ["source", "result"], registry=r)
         self.upstream_duration = Histogram("casf_upstream_duration_seconds",
                                            "Upstream time to response headers",
                                            buckets=_LATENCY_BUCKETS, registry=r)

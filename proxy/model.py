@@ -65,6 +65,7 @@ class Exchange:
     claim: Claim | None = None  # held by this request: complete or release it
     shadow: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # fail-open events on reads
+    budget_warnings: tuple[str, ...] = ()  # "<budget>:<period> <used>/<limit>"
 
     @property
     def tool(self) -> str:

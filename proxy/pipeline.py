@@ -62,7 +62,8 @@ def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
 class Pipeline:
     def __init__(self, cfg: Config, stages: list[Stage], *, state: AdmissionStore,
                  mode: ModeStore, audit: AuditSink, policy_hash: str, metrics: Metrics,
-                 session: aiohttp.ClientSession, consumed_headers: tuple[str, ...]) -> None:
+                 session: aiohttp.ClientSession, consumed_headers: tuple[str, ...],
+                 stripped_headers: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.stages = stages
         self.state = state
@@ -72,6 +73,7 @@ class Pipeline:
         self.metrics = metrics
         self.session = session
         self.consumed = consumed_headers
+        self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
         self.event_ids = EventIds()
 
@@ -93,6 +95,9 @@ class Pipeline:
             ex.request_id = self.event_ids.next()
         try:
             response, decision, status, reasons = await self._run(request, ex)
+            if decision != "ALLOW" and status != 503 and response.status == 503:  # no audit
+                decision, status = "DENY", 503
+                reasons = (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE)
             return response
         except Exception:
             errlog.exception("unexpected error (trace %s)", trace_id)
@@ -109,6 +114,8 @@ class Pipeline:
                     "trace_id": trace_id, "request_id": ex.request_id or None,
                     "method": ex.method, "route": ex.route.path if ex.route else None,
                     "tool": ex.tool or None, "decision": decision, "status": status,
+                    "auth": ex.principal.auth if ex.principal else None,
+                    "key_id": ex.principal.key_id if ex.principal else None,  # never the key
                     "reason_codes": list(reasons), "shadow": ex.shadow or None,
                     "latency_ms": round(elapsed * 1000, 3)}).decode())
 
@@ -141,8 +148,9 @@ class Pipeline:
                     ex.principal = _ANONYMOUS
                 continue
             return await self._deny(ex, verdict), verdict.decision, verdict.status, verdict.reasons
-        # 9-10. audit, then forward
-        return await self._allow(request, ex, tuple(ex.shadow))
+        # 9-10. audit, then forward; the record names what shadow mode would have
+        # denied and which dependency a fail-open route went on without
+        return await self._allow(request, ex, (*ex.shadow, *ex.degraded))
 
     # ------------------------------------------------------------ stage 1
 
@@ -219,7 +227,10 @@ class Pipeline:
         try:
             await self._record(ex, "decision", verdict.decision, verdict.status, verdict.reasons)
         except AuditUnavailable:
+            # no decision goes unrecorded: without the audit store every route
+            # answers 503 Audit_Unavailable, denials included
             errlog.error("deny not audited: audit store unavailable (trace %s)", ex.trace_id)
+            return await self._audit_unavailable(ex)
         return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
                                  self.policy_hash, extra)
 
@@ -247,21 +258,22 @@ class Pipeline:
             resp.headers["X-Casf-Replay-Body"] = "omitted"
         return resp
 
-    async def _allow(self, request: web.BaseRequest, ex: Exchange, shadow: tuple[str, ...]
+    async def _allow(self, request: web.BaseRequest, ex: Exchange, reasons: tuple[str, ...]
                      ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
         # 9. the decision record is committed before anything reaches the upstream
         try:
-            await self._record(ex, "decision", "ALLOW", 200, shadow)
+            await self._record(ex, "decision", "ALLOW", 200, reasons)
         except AuditUnavailable:
-            reasons = (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE)
-            return await self._audit_unavailable(ex), "DENY", 503, reasons
+            return (await self._audit_unavailable(ex), "DENY", 503,
+                    (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE))
         # 10. forward
-        return await self._forward(request, ex), "ALLOW", 200, shadow
+        return await self._forward(request, ex), "ALLOW", 200, reasons
 
     # ------------------------------------------------------------ stage 10
 
     async def _forward(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
-        headers = upstream_request_headers(ex, self.consumed, self.cfg.upstream.forward_credentials)
+        headers = upstream_request_headers(ex, self.consumed, self.cfg.upstream.forward_credentials,
+                                           self.stripped)
         url = self.base_url + ex.target.path_and_query
         started = time.perf_counter()
         try:
@@ -303,6 +315,8 @@ class Pipeline:
                 "Transfer-Encoding", "").lower():
             out.content_length = upstream.content_length
         out.headers["X-Casf-Trace-Id"] = ex.trace_id
+        if ex.budget_warnings:
+            out.headers["X-Casf-Budget-Warning"] = ", ".join(ex.budget_warnings)
         digest = hashlib.sha256()
         keep = ex.claim is not None
         limit = self.cfg.replay.max_stored_body_bytes

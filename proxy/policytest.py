@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.config import rego_files
 from proxy.policy_regorus import PolicyLoadError, new_engine, rego_error
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
@@ -45,7 +46,7 @@ def discover(files: list[Path]) -> list[tuple[str, str, str]]:
 
 def run_tests(directory: Path, *, rego_v0: bool) -> list[TestResult]:
     """Load and run; raises :class:`PolicyLoadError` when a file does not compile."""
-    files = sorted(directory.rglob("*.rego"))
+    files = rego_files(directory)
     if not files:
         raise PolicyLoadError(f"{directory}: no .rego files")
     engine = new_engine(tuple(files), rego_v0)

@@ -71,11 +71,22 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class RateCheck:
+    """One counter a request consumes from, checked with the others atomically.
+
+    ``quota=False``: a GCRA rate limit of ``limit`` per ``window_s``.
+    ``quota=True``: a budget counter for one calendar period (``key`` names the
+    period); ``window_s`` is the time left in the period (the counter's TTL
+    and the ``Retry-After`` of a refusal) and ``warn_at`` the used share at or
+    above which the request carries a warning.
+    """
+
     rule: str
     key: str
     limit: int
     window_s: float
     cost: int
+    quota: bool = False
+    warn_at: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +102,9 @@ class Admission:
     claimed: bool = False
     outcome: StoredOutcome | None = None
     refused_rule: str | None = None
+    refused_quota: bool = False
     retry_after_s: float = 0.0
+    warnings: tuple[str, ...] = ()  # "<rule> <used>/<limit>" of quotas past warn_at
 
 
 class AdmissionStore(Protocol):
@@ -103,9 +116,11 @@ class AdmissionStore(Protocol):
        stored outcome), IN_FLIGHT or MISMATCH, and change nothing;
     2. when ``proceed`` is false (an in-process invariant already denies):
        report NEW and change nothing;
-    3. when any rate check would exceed its limit: report the first refusing
+    3. when any check would exceed its limit (a GCRA rate limit, or a budget
+       quota whose used + cost passes the limit): report the first refusing
        rule and change nothing;
-    4. otherwise consume every check and take the claim (if any) with a lease
+    4. otherwise consume every check, report the quotas now at or above their
+       ``warn_at`` share, and take the claim (if any) with a lease
        of ``claim.lease_s``; a claim neither completed nor released expires
        then, so a crashed holder never blocks the key for the whole TTL.
 

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     # rate limits
     RATE_LIMITED = "RateLimit_Exceeded"
     RATE_LIMIT_UNAVAILABLE = "Inv_RateLimitUnavailable"
+    BUDGET_EXCEEDED = "Budget_Exceeded"
     MODE_STORE_UNAVAILABLE = "Inv_ModeStoreUnavailable"
     # policy
     POLICY_DENIED = "Policy_Denied"

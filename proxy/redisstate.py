@@ -12,6 +12,7 @@ Keys (``casf`` is ``redis.key_prefix``)::
 
     casf:{S}:idem:<sha256(principal, id)>  hash: st (P|D), fp, status, headers, body, complete
     casf:{S}:rl:<rule>:<rendered key>      GCRA theoretical arrival time (ms, Redis clock)
+    casf:{S}:rl:<budget>:<period>:<id>     budget: cost used in that period (integer)
     casf:{mode}:current                    the operator mode
     casf:{mode}:changes                    pub/sub channel announcing mode changes
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.config import Mode
 from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome, StoreUnavailable
@@ -64,27 +65,45 @@ if has_claim then
   end
 end
 if ARGV[4] ~= '1' then return {'new'} end
-local tats = {}
+local vals, warn = {}, {}
 for i = first, #KEYS do
-  local a = 5 + (i - first) * 4
+  local a = 5 + (i - first) * 6
   local limit, window, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + cost * (window / limit)
-  if new_tat - now > window + 0.000001 then
-    return {'refused', ARGV[a + 3], string.format('%.3f', new_tat - now - window)}
+  if ARGV[a + 4] == '1' then
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0') + cost
+    if used > limit then
+      return {'refused', ARGV[a + 3], string.format('%.3f', window), '1'}
+    end
+    if used >= tonumber(ARGV[a + 5]) * limit then
+      warn[#warn + 1] = ARGV[a + 3] .. ' ' .. used .. '/' .. limit
+    end
+    vals[i] = tostring(used)
+  else
+    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if tat < now then tat = now end
+    local new_tat = tat + cost * (window / limit)
+    if new_tat - now > window + 0.000001 then
+      return {'refused', ARGV[a + 3], string.format('%.3f', new_tat - now - window), '0'}
+    end
+    vals[i] = string.format('%.3f', new_tat)
   end
-  tats[i] = new_tat
 end
 for i = first, #KEYS do
-  redis.call('SET', KEYS[i], string.format('%.3f', tats[i]), 'PX', math.ceil(tats[i] - now) + 1)
+  local a = 5 + (i - first) * 6
+  if ARGV[a + 4] == '1' then
+    redis.call('SET', KEYS[i], vals[i], 'PX', math.ceil(tonumber(ARGV[a + 1])) + 60000)
+  else
+    redis.call('SET', KEYS[i], vals[i], 'PX', math.ceil(tonumber(vals[i]) - now) + 1)
+  end
 end
+local verdict = 'ok'
 if has_claim then
   redis.call('HSET', KEYS[1], 'st', 'P', 'fp', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {'claimed'}
+  verdict = 'claimed'
 end
-return {'ok'}
+table.insert(warn, 1, verdict)
+return warn
 """
 
 COMPLETE = """
@@ -123,7 +142,7 @@ class RedisConnection:
         self.client: Any
         if settings.cluster:
             self.client = RedisCluster.from_url(
-                settings.url, cluster_error_retry_attempts=1, retry=Retry(NoBackoff(), 1),
+                settings.url, retry=Retry(NoBackoff(), 1),
                 max_connections=settings.pool_size, **timeouts)
         else:
             # a blocking pool waits for a free connection (inside the call's time bound)
@@ -133,6 +152,7 @@ class RedisConnection:
                 settings.url, max_connections=settings.pool_size, timeout=settings.timeout_s,
                 retry=Retry(NoBackoff(), 1), **timeouts)
             self.client = aioredis.Redis(connection_pool=pool)
+        self._slots = asyncio.Semaphore(settings.pool_size) if settings.cluster else None
         self.admit_script = self.client.register_script(ADMIT)
         self.complete_script = self.client.register_script(COMPLETE)
         self.release_script = self.client.register_script(RELEASE)
@@ -140,9 +160,36 @@ class RedisConnection:
     async def call(self, coro: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                return await coro
-        except (RedisError, OSError, TimeoutError) as exc:
+                if self._slots is None:
+                    return await coro
+                # the cluster client fails instead of waiting when a node's
+                # connections are all busy: queue here, inside the time bound
+                async with self._slots:
+                    return await coro
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if isinstance(coro, Coroutine):
+                coro.close()  # no-op once awaited; silences one never started
+
+    async def prepare(self) -> bool:
+        """Learn the cluster's slots and load the scripts on every primary, once.
+
+        Without it the first burst of traffic meets NOSCRIPT (and, on a
+        cluster, slot discovery) on many connections at once. False when Redis
+        is unreachable: the proxy starts anyway and the scripts load on first
+        use (NOSCRIPT reload).
+        """
+        try:
+            async with asyncio.timeout(max(2.0, self.settings.timeout_s * 10)):
+                if self.settings.cluster:
+                    await self.client.initialize()
+                for script in (self.admit_script, self.complete_script, self.release_script):
+                    await self.client.script_load(script.script)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            log.warning("could not prepare Redis: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
 
     async def ping(self) -> bool:
         try:
@@ -178,7 +225,8 @@ class RedisAdmissionStore:
             keys.append(self.claim_key(claim))
         for c in checks:
             keys.append(self.rate_key(scope, c))
-            args += [c.limit, repr(c.window_s * 1000), c.cost, c.rule]
+            args += [c.limit, repr(c.window_s * 1000), c.cost, c.rule, "1" if c.quota else "0",
+                     repr(c.warn_at)]
         reply = await self.conn.call(self.conn.admit_script(keys=keys, args=args))
         return _admission(reply, claim)
 
@@ -202,15 +250,18 @@ def _admission(reply: Any, claim: Claim | None) -> Admission:
     kind = _text(reply[0])
     new = ClaimState.NEW if claim is not None else None
     if kind == "claimed":
-        return Admission(ClaimState.NEW, claimed=True)
-    if kind in ("ok", "new"):
+        return Admission(ClaimState.NEW, claimed=True,
+                         warnings=tuple(_text(w) for w in reply[1:]))
+    if kind == "ok":
+        return Admission(new, warnings=tuple(_text(w) for w in reply[1:]))
+    if kind == "new":
         return Admission(new)
     if kind == "mismatch":
         return Admission(ClaimState.MISMATCH)
     if kind == "in_flight":
         return Admission(ClaimState.IN_FLIGHT)
     if kind == "refused":
-        return Admission(new, refused_rule=_text(reply[1]),
+        return Admission(new, refused_rule=_text(reply[1]), refused_quota=_text(reply[3]) == "1",
                          retry_after_s=float(_text(reply[2])) / 1000)
     if kind == "replay":
         headers = tuple((str(k), str(v)) for k, v in orjson.loads(reply[2] or b"[]"))
@@ -271,8 +322,8 @@ class RedisModeStore:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 2.0)
 
     async def _follow(self) -> None:
         interval = self.conn.settings.mode_refresh_s
@@ -303,4 +354,4 @@ class RedisModeStore:
             yield pubsub
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await asyncio.wait_for(pubsub.aclose(), 1.0)

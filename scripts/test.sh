@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/system-deps.sh
 echo "== ruff"; .venv/bin/python -m ruff check .
 echo "== mypy --strict"; .venv/bin/python -m mypy
 echo "== pytest"; .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,11 @@ from yarl import URL
 from proxy.app import Runtime, Serving, serve
 from proxy.config import Config, load_config
 from proxy.settings import Environment
+
+# PG_DSN in the test run's environment names the PostgreSQL for the PostgreSQL
+# audit tests (tests/test_postgres_audit.py); every other test, and every proxy
+# or CLI process a test starts, must run embedded, so it is taken out here.
+EXTERNAL_PG_DSN = os.environ.pop("PG_DSN", None) or None
 
 ROOT = Path(__file__).resolve().parent.parent
 CLINIC = ROOT / "examples" / "clinic"
@@ -112,6 +118,8 @@ def write_config(tmp_path: Path, patch: Callable[[dict[str, Any]], None]) -> Pat
     data = yaml.safe_load((CLINIC / "casf.yaml").read_text())
     data["identity"]["api_keys"]["keys_file"] = str(CLINIC / "keys.yaml")
     data["policy"]["bundle"] = str(CLINIC / "policies")
+    if "jwt" in data["identity"]:  # the example's dev JWKS (docs/identity.md)
+        data["identity"]["jwt"]["jwks_file"] = str(CLINIC / data["identity"]["jwt"]["jwks_file"])
     patch(data)
     path = tmp_path / "casf.yaml"
     path.write_text(yaml.safe_dump(data))

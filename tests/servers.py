@@ -1,9 +1,9 @@
-"""Real backing servers for tests: throwaway redis-server processes.
+"""Real backing servers for tests: throwaway redis-server and PostgreSQL processes.
 
 Each server gets a fresh directory and a free port, and can be stopped and
 restarted mid-test on the same port (fault tests). When the binary is
 missing, tests are skipped with a clear message, except under ``CI=true``
-where that is a failure: CI must never silently run without Redis.
+where that is a failure: CI must never silently run without Redis or PostgreSQL.
 """
 
 from __future__ import annotations
@@ -24,6 +24,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free (and valid) too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -41,7 +56,7 @@ class RedisServer:
         self.binary = require_binary("redis-server")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -79,6 +94,38 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class RedisClusterServers:
+    """Three cluster-enabled redis-servers joined as a three-master Redis Cluster."""
+
+    def __init__(self, directory: Path) -> None:
+        self.cli = require_binary("redis-cli")
+        self.nodes = [RedisServer(directory / f"node{i}", cluster=True) for i in range(3)]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run([self.cli, "--cluster", "create", *addrs, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # every node must know the whole cluster
+            infos = [subprocess.run([self.cli, "-p", str(n.port), "cluster", "info"],
+                                    capture_output=True, text=True, timeout=5).stdout
+                     for n in self.nodes]
+            if all("cluster_state:ok" in i and "cluster_known_nodes:3" in i for i in infos):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not become ready")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,3 +183,148 @@ class ProxyProcess:
         code = self.proc.wait(timeout=15)
         self.proc = None
         return code
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def postgres_binaries() -> tuple[str, str] | None:
+    """initdb and pg_ctl from PATH, else from the newest /usr/lib/postgresql/*/bin."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl:
+        return initdb, pg_ctl
+    import glob
+
+    def version(path: str) -> float:
+        try:
+            return float(Path(path).parent.parent.name)
+        except ValueError:
+            return 0.0
+
+    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version,
+                        reverse=True):
+        ctl = Path(found).with_name("pg_ctl")
+        if ctl.exists():
+            return found, str(ctl)
+    return None
+
+
+def require_postgres() -> tuple[str, str]:
+    bins = postgres_binaries()
+    if bins is None:
+        message = ("PostgreSQL (initdb/pg_ctl) not found on PATH or in "
+                   "/usr/lib/postgresql/*/bin: this PostgreSQL audit test cannot run (set PG_DSN "
+                   "to run the others against an existing server)")
+        if _ci():
+            pytest.fail(message + " (CI=true: install it, e.g. apt-get install postgresql, "
+                        "or set PG_DSN)")
+        pytest.skip(message)
+    return bins
+
+
+def _unprivileged() -> tuple[int, int] | None:
+    """(uid, gid) to run initdb/postgres as when we are root (they refuse to run as root)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    for name in ("casf", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return entry.pw_uid, entry.pw_gid
+    subprocess.run(["useradd", "--system", "--no-create-home", "casf"], check=True,
+                   capture_output=True, timeout=30)
+    entry = pwd.getpwnam("casf")
+    return entry.pw_uid, entry.pw_gid
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (initdb + pg_ctl), owned by the tests.
+
+    The data directory lives in a fresh temporary directory (not pytest's
+    tmp_path, which an unprivileged server user cannot enter); under root the
+    server runs as an unprivileged user. ``stop``/``start`` keep the data and
+    the port, for outage tests. Durability settings are relaxed (fsync off):
+    the tests stop and kill the server, never the machine.
+    """
+
+    def __init__(self, *, fsync: bool = False) -> None:
+        import tempfile
+
+        self.initdb, self.pg_ctl = require_postgres()
+        self.owner = _unprivileged()
+        self.root = Path(tempfile.mkdtemp(prefix="casf-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.fsync = fsync
+        if self.owner is not None:
+            os.chown(self.root, *self.owner)
+        self._run([self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                   "-E", "UTF8", "--locale=C", "--no-sync"], timeout=120)
+
+    def _run(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
+               "HOME": str(self.root)}
+        if self.owner is None:
+            res = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                                 env=env, cwd=self.root)
+        else:  # root: run as the unprivileged owner of the data directory
+            res = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                                 env=env, cwd=self.root, user=self.owner[0],
+                                 group=self.owner[1], extra_groups=[])
+        if res.returncode != 0:
+            raise RuntimeError(f"{Path(args[0]).name} failed ({res.returncode}): "
+                               f"{res.stdout[-1500:]}{res.stderr[-1500:]}")
+        return res
+
+    @property
+    def dsn(self) -> str:
+        """The superuser's DSN for the ``postgres`` database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 "
+                f"-c full_page_writes={'on' if self.fsync else 'off'}")
+        self._run([self.pg_ctl, "-D", str(self.data), "-o", opts, "-l",
+                   str(self.root / "postgres.log"), "-w", "-t", "60", "start"], timeout=90)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: a clean shutdown; ``immediate``: like a crash (recovery on start)."""
+        self._run([self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"],
+                  timeout=90)
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except RuntimeError:
+            pass  # not running
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ExternalPostgres:
+    """The PostgreSQL named by ``PG_DSN`` when the tests run (never stopped by them)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def dsn_for(self, database: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.dsn)
+        return urlunsplit(parts._replace(path="/" + database))
+
+    def start(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass

@@ -61,6 +61,20 @@ BAD = [
     ("missing policy dir", lambda d: d["policy"].update(bundle="/nonexistent"), "policy.bundle"),
     ("bad redact", lambda d: d["audit"].update(redact={"args.message": "shred"}),
      "audit.redact.args.message"),
+    ("budget without quota", lambda d: d["budgets"][0].pop("daily") and
+     d["budgets"][0].pop("monthly"), "budgets[0]: sets no quota"),
+    ("budget cost for other tool", lambda d: d["budgets"][0]["cost"].update({"x.y": 2}),
+     "budgets[0].cost.x.y"),
+    ("budget warn_at over 1", lambda d: d["budgets"][0].update(warn_at=90),
+     "budgets[0].warn_at"),
+    ("budget tenant key", lambda d: d["budgets"][0]["tenants"]["t2"].update(weekly=3),
+     "budgets[0].tenants.t2.weekly"),
+    ("rate limit without limit", lambda d: d["rate_limits"][0].pop("limit"),
+     "rate_limits[0].limit: is required"),
+    ("rate limit without window", lambda d: d["rate_limits"][0].pop("window_seconds"),
+     "rate_limits[0].window_seconds: is required"),
+    ("budget name reused", lambda d: d["budgets"][0].update(name="sms_per_patient"),
+     "is used twice"),
 ]
 
 

@@ -115,6 +115,12 @@ async def test_readme_walkthrough(example: dict[str, Any]) -> None:
             assert r.status == 403
             assert (await r.json())["reason_codes"] == ["Role_NotPermitted"]
 
+        other_clinic = {"patient_id": "p1", "slot": "s", "tenant_id": "t1"}
+        async with s.post(base + "/appointments", json=other_clinic,
+                          headers=h("t2-receptionist", "d5")) as r:
+            assert r.status == 403
+            assert (await r.json())["reason_codes"] == ["Tenant_Mismatch"]
+
         tok = {"Authorization": "Bearer demo-admin-token"}
         async with s.put(admin + "/admin/mode", json={"mode": "READ_ONLY"}, headers=tok) as r:
             assert r.status == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,34 @@ async def test_tenant_mismatch(make_proxy: Any) -> None:
         assert (await p.call("GET", "/patients/p1/history?tenant=t1", key="doctor"))[0] == 200
 
 
+async def test_tenant_mismatch_through_path(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"].append({
+            "method": "GET", "path": "/tenants/{tenant_id}/appointments",
+            "tool": "cliniccloud.list_tenant_appointments", "effect": "read",
+            "attributes": {"context.resource_tenant": {"from": "path", "name": "tenant_id"}},
+            "resource_tenant": "context.resource_tenant"})
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        _, _, raw = await p.call("GET", "/tenants/t1/appointments", key="t2-receptionist")
+        assert_envelope(raw, 403, "Tenant_Mismatch")
+        assert p.upstream.seen == []
+        assert (await p.call("GET", "/tenants/t2/appointments", key="t2-receptionist"))[0] == 200
+        assert p.upstream.paths() == ["/tenants/t2/appointments"]
+
+
+async def test_tenant_mismatch_through_body_in_the_clinic_example(proxy: Proxy) -> None:
+    # examples/clinic/casf.yaml: POST /appointments reads the optional body field tenant_id
+    appt = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z", "tenant_id": "t1"}
+    status, _, raw = await proxy.call("POST", "/appointments", key="t2-receptionist", json=appt,
+                                      rid="tm-1")
+    assert status == 403
+    assert_envelope(raw, 403, "Tenant_Mismatch")
+    assert proxy.upstream.seen == []
+    assert (await proxy.call("POST", "/appointments", json=appt, rid="tm-2"))[0] == 201
+
+
 async def test_sms_rate_limit(proxy: Proxy) -> None:
     sms = {"patient_id": "p1", "message": "reminder"}
     assert (await proxy.call("POST", "/sms", json=sms, rid="sms-1"))[0] == 201
@@ -566,3 +595,38 @@ async def test_admin_endpoints_and_contract_metrics(proxy: Proxy) -> None:
         assert any(n == name or n.startswith(name + "_") for n in names), name
     assert 'casf_fail_closed_total{trigger="redis"} 0.0' in text
     assert 'casf_requests_total{decision="ALLOW",tool="cliniccloud.list_appointments"} 1.0' in text
+
+
+async def test_budget_warning_then_exceeded(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["budgets"] = [{"name": "paid", "tools": ["twilio.send_sms", "stripe.generate_invoice"],
+                         "cost": {"twilio.send_sms": 1, "stripe.generate_invoice": 4},
+                         "daily": 100, "monthly": 1000,
+                         "tenants": {"t1": {"daily": 10}}, "warn_at": 0.9}]
+        d["rate_limits"] = []
+        d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
+
+    async with make_proxy(patch) as p:
+        inv = {"patient_id": "p1", "amount": 10}
+        s1, h1, _ = await p.call("POST", "/invoices", key="billing", json=inv, rid="i1")
+        s2, h2, _ = await p.call("POST", "/invoices", key="billing", json=inv, rid="i2")
+        assert (s1, s2) == (201, 201) and "X-Casf-Budget-Warning" not in h1
+        assert "X-Casf-Budget-Warning" not in h2  # 8/10
+        sms = {"patient_id": "p1", "message": "m"}
+        s3, h3, _ = await p.call("POST", "/sms", key="nurse", json=sms, rid="s1")
+        assert s3 == 201 and h3["X-Casf-Budget-Warning"] == "paid:daily 9/10"
+        _, h4, raw = await p.call("POST", "/invoices", key="billing", json=inv, rid="i3")
+        assert_envelope(raw, 429, "Budget_Exceeded")
+        left = 86_400 - (int(time.time()) % 86_400)  # to the next UTC midnight
+        assert abs(int(h4["Retry-After"]) - left) <= 2
+        s5, h5, _ = await p.call("POST", "/sms", key="nurse", json=sms, rid="s2")
+        assert s5 == 201 and h5["X-Casf-Budget-Warning"] == "paid:daily 10/10"
+        assert (await p.call("POST", "/sms", key="nurse", json=sms, rid="s3"))[0] == 429
+        # tenant t2 has its own counters (default limits: 100/day)
+        s6, h6, _ = await p.call("POST", "/invoices", key="t2-receptionist", json=inv, rid="t2")
+        assert s6 == 201 and "X-Casf-Budget-Warning" not in h6
+        assert p.upstream.paths().count("/invoices") == 3
+        assert p.upstream.paths().count("/sms") == 2
+        m = await p.metrics()
+        assert 'casf_budget_exceeded_total{budget="paid:daily"} 2.0' in m
+        assert 'casf_budget_warning_total{budget="paid:daily"} 2.0' in m

@@ -4,6 +4,7 @@ request ids and the audit hash chain."""
 from __future__ import annotations
 
 import string
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from proxy.audit.chain import Break, ChainCheck, record_hash, seal, verify_recor
 from proxy.canonical import canonical_body, canonical_json, fingerprint
 from proxy.pathnorm import MalformedTarget, normalise_path, split_target
 from proxy.routing import OverlapError, RouteTable, Template
+from proxy.stages.ratelimit import budget_periods
 from proxy.stages.replay import parse_request_id, scoped_key
 
 UNRESERVED = string.ascii_letters + string.digits + "-._~"
@@ -311,3 +313,16 @@ def test_hash_covers_every_field(rec: dict[str, Any]) -> None:
         changed = dict(sealed)
         changed[key] = "tampered" if changed[key] != "tampered" else "other"
         assert record_hash(changed) != sealed["hash"], key
+
+
+@given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)))
+def test_budget_periods_contain_now_and_end_on_the_boundary(t: datetime) -> None:
+    now = t.replace(tzinfo=UTC).timestamp()
+    (d_name, day, d_left), (m_name, month, m_left) = budget_periods(now)
+    assert (d_name, m_name) == ("daily", "monthly")
+    assert day == t.strftime("%Y-%m-%d") and month == t.strftime("%Y-%m")
+    assert 0 < d_left <= 86_400 and d_left <= m_left <= 31 * 86_400
+    end_day = datetime.fromtimestamp(round(now + d_left), UTC)
+    assert (end_day.hour, end_day.minute, end_day.second) == (0, 0, 0)
+    end_month = datetime.fromtimestamp(round(now + m_left), UTC)
+    assert end_month.day == 1 and end_month.hour == 0 and end_month.strftime("%Y-%m") > month

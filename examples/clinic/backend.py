@@ -58,11 +58,18 @@ def _missing(data: dict[str, Any], *names: str) -> web.Response | None:
 
 
 async def list_appointments(request: web.Request) -> web.Response:
-    items = list(request.app[APPOINTMENTS].values())
+    """The most recent appointments (at most ``limit``, default 50, newest last)."""
+    limit = request.query.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        return web.json_response({"error": "limit must be 1..1000"}, status=400)
     patient = request.query.get("patient_id")
-    if patient:
-        items = [a for a in items if a["patient_id"] == patient]
-    return web.json_response({"appointments": items})
+    items: list[dict[str, str]] = []
+    for appt in reversed(request.app[APPOINTMENTS].values()):
+        if not patient or appt["patient_id"] == patient:
+            items.append(appt)
+            if len(items) == int(limit):
+                break
+    return web.json_response({"appointments": items[::-1]})
 
 
 async def create_appointment(request: web.Request) -> web.Response:

@@ -45,6 +45,7 @@ class MemoryAdmissionStore:
     def __init__(self, clock: Clock = time.monotonic, max_entries: int = 1_000_000) -> None:
         self._claims: OrderedDict[str, _Entry] = OrderedDict()
         self._tat: dict[str, float] = {}
+        self._used: dict[str, tuple[int, float]] = {}  # quota counter: (used, expires)
         self._clock = clock
         self._max = max_entries
 
@@ -57,6 +58,8 @@ class MemoryAdmissionStore:
             del self._claims[key]
         if len(self._tat) > 100_000:
             self._tat = {k: v for k, v in self._tat.items() if v > now}
+        if len(self._used) > 100_000:
+            self._used = {k: v for k, v in self._used.items() if v[1] > now}
 
     async def admit(self, scope: str, claim: Claim | None, checks: Sequence[RateCheck],
                     proceed: bool) -> Admission:
@@ -77,19 +80,35 @@ class MemoryAdmissionStore:
         if not proceed:
             return Admission(state)
         updates: list[tuple[str, float]] = []
+        spends: list[tuple[str, int, float]] = []
+        warnings: list[str] = []
         for check in checks:
             key = f"{scope}:{check.key}"
+            if check.quota:
+                used, expires = self._used.get(key, (0, 0.0))
+                if expires <= now:
+                    used = 0
+                total = used + check.cost
+                if total > check.limit:
+                    return Admission(state, refused_rule=check.rule, refused_quota=True,
+                                     retry_after_s=check.window_s)
+                if total >= check.warn_at * check.limit:
+                    warnings.append(f"{check.rule} {total}/{check.limit}")
+                spends.append((key, total, now + check.window_s))
+                continue
             ok, value = gcra(self._tat.get(key), now, check)
             if not ok:
                 return Admission(state, refused_rule=check.rule, retry_after_s=value)
             updates.append((key, value))
         for key, tat in updates:
             self._tat[key] = tat
-        if claim is None:
-            return Admission(None)
+        for key, total, expires in spends:
+            self._used[key] = (total, expires)
         self._sweep(now)
+        if claim is None:
+            return Admission(None, warnings=tuple(warnings))
         self._claims[claim.key] = _Entry(claim.fingerprint, now + claim.lease_s)
-        return Admission(ClaimState.NEW, claimed=True)
+        return Admission(ClaimState.NEW, claimed=True, warnings=tuple(warnings))
 
     async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None:
         entry = self._claims.get(claim.key)

@@ -2,7 +2,7 @@
 
 The three stages keep the contract's order in what they *report*: a replay
 answer (stored outcome, 409 in flight, 409 mismatch) comes first, then an
-invariant's 403, then a rate limit's 429. Because the invariants are pure,
+invariant's 403, then a rate limit's or budget's 429. Because the invariants are pure,
 they are evaluated before the state store is asked, which lets the store do
 the claim and every rate-limit check atomically in one round trip without
 consuming anything for a request the invariants deny (see
@@ -10,7 +10,8 @@ consuming anything for a request the invariants deny (see
 
 Denies: 400 when a write has no request id or an id is invalid; 409
 ``Inv_ReplayConcurrent`` / ``Inv_ReplayPayloadMismatch``; 403 from the
-invariants; 429 ``RateLimit_Exceeded`` with ``Retry-After``; 503
+invariants; 429 ``RateLimit_Exceeded`` or ``Budget_Exceeded`` with
+``Retry-After`` (a budget's is the time left in its period); 503
 ``FAIL_CLOSED`` + ``Inv_ReplayCheckUnavailable`` (or
 ``Inv_RateLimitUnavailable`` when no claim was involved) when the store is
 unreachable on a fail-closed route.
@@ -94,11 +95,20 @@ class AdmissionStage:
         # 6.
         if invariant is not None:
             return invariant
-        # 7. rate limits
+        # 7. rate limits and budgets
         if admission.refused_rule is not None:
+            retry = str(max(1, math.ceil(admission.retry_after_s)))
+            if admission.refused_quota:
+                self.metrics.budget_exceeded.labels(admission.refused_rule).inc()
+                return Verdict("DENY", 429, (Reason.BUDGET_EXCEEDED,),
+                               f"budget {admission.refused_rule} is used up",
+                               (("Retry-After", retry),))
             self.metrics.rate_limited.inc()
-            retry = max(1, math.ceil(admission.retry_after_s))
             return Verdict("DENY", 429, (Reason.RATE_LIMITED,),
                            f"rate limit {admission.refused_rule} exceeded",
-                           (("Retry-After", str(retry)),))
+                           (("Retry-After", retry),))
+        if admission.warnings:
+            ex.budget_warnings = admission.warnings
+            for warning in admission.warnings:
+                self.metrics.budget_warning.labels(warning.split(" ", 1)[0]).inc()
         return None

@@ -1,17 +1,21 @@
-"""Rate limits: which rules apply to a request, and their bucket keys (pure).
+"""Rate limits and budgets: which counters a request consumes (pure).
 
-Keys are templates over the policy input (``{subject.patient_id}``); a
-missing field renders empty, so requests without it share one bucket (the
-stricter choice). Consumption happens in the admission stage's atomic call.
+Rate-limit keys are templates over the policy input (``{subject.patient_id}``);
+a missing field renders empty, so requests without it share one bucket (the
+stricter choice). Budgets are per-tenant cost quotas per UTC calendar day and
+month; their counter key names the period, so a new period starts from zero
+without a reset job. Consumption happens in the admission stage's atomic call.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from proxy.config import RateLimitRule
+from proxy.config import BudgetRule, RateLimitRule
 from proxy.model import Exchange
 from proxy.ports import RateCheck
 
@@ -30,18 +34,46 @@ def render_key(template: str, policy_input: Mapping[str, Any]) -> str:
     return _REF.sub(sub, template)
 
 
-class RateRules:
-    """The configured rules indexed by tool."""
+def budget_periods(now: float) -> tuple[tuple[str, str, float], tuple[str, str, float]]:
+    """``(name, id, seconds left)`` of the UTC day and month containing ``now``."""
+    t = datetime.fromtimestamp(now, UTC)
+    day_start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    month_start = day_start.replace(day=1)
+    next_month = (month_start.replace(year=t.year + 1, month=1) if t.month == 12
+                  else month_start.replace(month=t.month + 1))
+    return (("daily", day_start.strftime("%Y-%m-%d"), day_start.timestamp() + 86_400 - now),
+            ("monthly", month_start.strftime("%Y-%m"), next_month.timestamp() - now))
 
-    def __init__(self, rules: tuple[RateLimitRule, ...]) -> None:
+
+class RateRules:
+    """The configured rate limits and budgets, indexed by tool."""
+
+    def __init__(self, rules: tuple[RateLimitRule, ...], budgets: tuple[BudgetRule, ...] = (),
+                 clock: Callable[[], float] = time.time) -> None:
         self.by_tool: dict[str, list[RateLimitRule]] = {}
         for rule in rules:
             for tool in rule.tools:
                 self.by_tool.setdefault(tool, []).append(rule)
+        self.budgets_by_tool: dict[str, list[BudgetRule]] = {}
+        for budget in budgets:
+            for tool in budget.costs:
+                self.budgets_by_tool.setdefault(tool, []).append(budget)
+        self.clock = clock
 
     def checks(self, ex: Exchange) -> list[RateCheck]:
         rules = self.by_tool.get(ex.tool)
-        if not rules:
-            return []
-        return [RateCheck(r.name, f"{r.name}:{render_key(r.key, ex.policy_input)}", r.limit,
-                          r.window_s, r.cost) for r in rules]
+        checks = [RateCheck(r.name, f"{r.name}:{render_key(r.key, ex.policy_input)}", r.limit,
+                            r.window_s, r.cost) for r in rules] if rules else []
+        budgets = self.budgets_by_tool.get(ex.tool)
+        if budgets:
+            tenant = ex.principal.tenant if ex.principal is not None else None
+            periods = budget_periods(self.clock())
+            for b in budgets:
+                limits = b.limits_for(tenant)
+                for (period, pid, left), limit in zip(periods, (limits.daily, limits.monthly),
+                                                      strict=True):
+                    if limit is not None:
+                        checks.append(RateCheck(f"{b.name}:{period}", f"{b.name}:{period}:{pid}",
+                                                limit, left, b.costs[ex.tool], quota=True,
+                                                warn_at=b.warn_at))
+        return checks

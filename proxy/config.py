@@ -235,6 +235,7 @@ class PolicyConfig:
     policy_hash: str = ""
     engine: Literal["regorus", "opa"] = "regorus"
     opa: OpaConfig | None = None
+    decision_cache_size: int = 10_000  # in-process engine only; 0 disables
 
 
 @dataclass(frozen=True, slots=True)
@@ -1030,7 +1031,7 @@ def load_keys(path: Path, env: Environment) -> tuple[ApiKeyEntry, ...]:
 
 
 def _policy(r: _Reader, m: Mapping[str, Any], base: Path) -> PolicyConfig:
-    r.known(m, "policy", {"engine", "bundle", "query", "rego_v0", "opa"})
+    r.known(m, "policy", {"engine", "bundle", "query", "rego_v0", "opa", "decision_cache_size"})
     engine = r.string(m, "engine", "policy", "regorus")
     if engine not in ("regorus", "opa"):
         r.fail("policy.engine", f"{engine!r} is not supported",
@@ -1066,7 +1067,9 @@ def _policy(r: _Reader, m: Mapping[str, Any], base: Path) -> PolicyConfig:
     return PolicyConfig(bundle=bundle, files=files, query=query,
                         rego_v0=r.boolean(m, "rego_v0", "policy", False),
                         policy_hash="sha256:" + h.hexdigest(),
-                        engine="opa" if engine == "opa" else "regorus", opa=opa)
+                        engine="opa" if engine == "opa" else "regorus", opa=opa,
+                        decision_cache_size=r.integer(m, "decision_cache_size", "policy",
+                                                      10_000, 0))
 
 
 def _opa(r: _Reader, m: Mapping[str, Any], query: str) -> OpaConfig:

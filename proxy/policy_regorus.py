@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -79,25 +82,62 @@ def parse_decision(value: Any) -> PolicyResult:
     return PolicyResult(PolicyOutcome.DENY, codes)
 
 
+# builtins whose result is not a function of the input and the policy alone
+_IMPURE = re.compile(rb"\b(time\.now_ns|rand\.intn|uuid\.rfc4122|http\.send|opa\.runtime|"
+                     rb"net\.lookup_ip_addr|crypto\.x509\.parse_and_verify_certificates)\s*\(")
+
+
+def is_pure(files: tuple[Any, ...]) -> bool:
+    """True when no policy file calls a builtin that depends on time, chance or I/O."""
+    return not any(_IMPURE.search(Path(f).read_bytes()) for f in files)
+
+
 class RegorusEngine:
-    """Evaluates ``policy.query`` over the policy input, in-process (~30-60 µs)."""
+    """Evaluates ``policy.query`` over the policy input, in-process.
+
+    A loaded bundle is immutable (a reload builds a new engine), so for a pure
+    policy the decision is a function of the input document: decisions are
+    kept in a bounded LRU keyed by the serialised input
+    (``policy.decision_cache_size``). A policy that calls time, random, UUID,
+    HTTP or runtime builtins is never cached.
+    """
 
     def __init__(self, cfg: PolicyConfig) -> None:
         self._engine = new_engine(cfg.files, cfg.rego_v0)
         self._query = cfg.query
         self._hash = cfg.policy_hash
+        self._cache: OrderedDict[bytes, PolicyResult] = OrderedDict()
+        self._cache_max = cfg.decision_cache_size if is_pure(cfg.files) else 0
 
     @property
     def policy_hash(self) -> str:
         return self._hash
 
+    @property
+    def caching(self) -> bool:
+        return self._cache_max > 0
+
     def evaluate_sync(self, policy_input: Mapping[str, Any]) -> PolicyResult:
         try:
-            self._engine.set_input_json(orjson.dumps(policy_input).decode())
+            doc = orjson.dumps(policy_input)
+        except TypeError:
+            return PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_EVAL_ERROR)
+        cache = self._cache
+        hit = cache.get(doc)
+        if hit is not None:
+            cache.move_to_end(doc)
+            return hit
+        try:
+            self._engine.set_input_json(doc.decode())
             raw = orjson.loads(self._engine.eval_query_as_json(self._query))
         except Exception:
             return PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_EVAL_ERROR)
-        return parse_result(raw)
+        result = parse_result(raw)
+        if self._cache_max:
+            cache[doc] = result
+            if len(cache) > self._cache_max:
+                cache.popitem(last=False)
+        return result
 
     async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
         return self.evaluate_sync(policy_input)

@@ -17,6 +17,21 @@ HOP_BY_HOP = frozenset({
 # Headers the proxy sets itself (never copied from the client).
 _REWRITTEN = frozenset({"host", "content-length", "expect", "x-forwarded-for",
                         "x-forwarded-proto", "x-forwarded-host", "traceparent", "x-request-id"})
+# Client-supplied claims about the connection that upstream frameworks believe
+# (client address, scheme, host, port, path prefix): dropped, never forwarded;
+# the proxy's own X-Forwarded-For/-Proto/-Host are the only ones the upstream sees.
+_SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix",
+                        "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl",
+                        "x-client-ip", "true-client-ip", "x-original-url", "x-rewrite-url"})
+
+
+def _canon(name: str) -> str:
+    """A header name as CGI/WSGI-style servers see it: ``X_API_Key`` is ``x-api-key``.
+
+    Those servers fold ``_`` into ``-`` (``HTTP_X_API_KEY``), so a dropped header must
+    also be dropped under its underscore spelling, or it reaches the upstream anyway.
+    """
+    return name.lower().replace("_", "-")
 # Response headers kept when an outcome is stored for replay.
 REPLAY_SAFE = frozenset({"content-type", "content-language", "location", "etag",
                          "last-modified", "cache-control", "expires", "vary"})
@@ -25,7 +40,7 @@ REPLAY_SAFE = frozenset({"content-type", "content-language", "location", "etag",
 def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
     listed: set[str] = set()
     for value in headers.getall("Connection", []):
-        listed.update(tok.strip().lower() for tok in value.split(",") if tok.strip())
+        listed.update(_canon(tok.strip()) for tok in value.split(",") if tok.strip())
     return listed
 
 
@@ -37,13 +52,13 @@ def upstream_request_headers(ex: Exchange, consumed: Iterable[str],
     ``stripped`` headers are dropped even with ``forward_credentials``: identity
     assertions (trusted headers) the upstream might believe.
     """
-    drop = HOP_BY_HOP | _REWRITTEN | _connection_listed(ex.headers)
-    drop |= {s.lower() for s in stripped}
+    drop = HOP_BY_HOP | _REWRITTEN | _SPOOFABLE | _connection_listed(ex.headers)
+    drop |= {_canon(s) for s in stripped}
     if not forward_credentials:
-        drop |= {c.lower() for c in consumed}
+        drop |= {_canon(c) for c in consumed}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in ex.headers.items():
-        if name.lower() not in drop:
+        if _canon(name) not in drop:
             out.add(name, value)
     prior = ex.headers.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {ex.peer}" if prior else ex.peer
@@ -61,7 +76,7 @@ def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | _connection_listed(headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() not in drop:
+        if _canon(name) not in drop:
             out.add(name, value)
     return out
 

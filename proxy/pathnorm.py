@@ -7,6 +7,8 @@ meaning differs between common servers is rejected rather than guessed:
 * characters outside visible ASCII (NUL, spaces, DEL, raw non-ASCII bytes);
 * ``\\``, ``;`` (path parameters) and ``#`` in the path;
 * malformed percent-escapes, ``%00``, encoded ``/`` or ``\\``;
+* double-encoded escapes (``%25`` followed by two hex digits, e.g. ``%252e``):
+  an upstream that decodes twice would see a different path;
 * a segment that only becomes ``.`` or ``..`` after percent-decoding;
 * percent-decoded bytes that are not valid UTF-8 (this catches overlong
   encodings such as ``%C0%AE``);
@@ -15,16 +17,23 @@ meaning differs between common servers is rejected rather than guessed:
 Accepted paths are rewritten: escapes of unreserved characters are decoded,
 other escapes get upper-case hex, runs of ``/`` collapse to one and ``.`` /
 ``..`` segments are resolved (RFC 3986 §5.2.4). A trailing slash is kept.
+
+The query is kept byte for byte but checked: visible ASCII only, no ``#``,
+well-formed escapes, no ``%00``, and its percent-decoded bytes must be UTF-8
+(a Latin-1 escape such as ``%E9`` reads differently to different decoders).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
 _FORBIDDEN_RAW = frozenset("\\;#")
+_DOUBLE_ENCODED = re.compile(r"%25[0-9A-Fa-f]{2}")
 
 
 class MalformedTarget(ValueError):
@@ -80,6 +89,8 @@ def _normalise_segment(segment: str) -> str:
     result = "".join(out)
     if result in (".", ".."):
         raise MalformedTarget("encoded dot segment in path")
+    if _DOUBLE_ENCODED.search(result):  # on the output: %25a%31 becomes %25a1
+        raise MalformedTarget("double-encoded percent-escape in path")
     return result
 
 
@@ -126,6 +137,8 @@ def split_target(raw_target: str) -> Target:
 
 def _check_query_escapes(query: str) -> None:
     i = query.find("%")
+    if i == -1:
+        return
     while i != -1:
         esc = query[i + 1 : i + 3]
         if len(esc) != 2 or not set(esc) <= _HEX:
@@ -133,3 +146,7 @@ def _check_query_escapes(query: str) -> None:
         if esc == "00":
             raise MalformedTarget("encoded NUL in query")
         i = query.find("%", i + 3)
+    try:
+        unquote_to_bytes(query).decode("utf-8", "strict")
+    except UnicodeDecodeError as exc:
+        raise MalformedTarget("percent-decoded query is not valid UTF-8") from exc

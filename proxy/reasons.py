@@ -16,6 +16,11 @@ class Reason(StrEnum):
     BODY_TIMEOUT = "BadRequest_BodyTimeout"
     MALFORMED_PATH = "BadRequest_MalformedPath"
     AMBIGUOUS_REQUEST = "BadRequest_Ambiguous"
+    MALFORMED_HEADER = "BadRequest_MalformedHeader"
+    UNSUPPORTED_ENCODING = "Request_UnsupportedEncoding"
+    # the HTTP parser (before a request exists; see proxy.httpserver)
+    MALFORMED_REQUEST = "BadRequest_MalformedRequest"
+    HEADERS_TOO_LARGE = "Request_HeadersTooLarge"
     # route
     ROUTE_NOT_MAPPED = "Route_NotMapped"
     # authenticate

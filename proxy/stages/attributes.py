@@ -1,20 +1,28 @@
 """Attributes: build the policy input (contract §4) from the request.
 
-Denies 400 when the body must be JSON and is not, when a named query
-parameter or header is repeated (ambiguous), or when a required attribute is
-missing or empty (``BadRequest_Missing<Name>``).
+Denies 400 when the body must be JSON and is not (or is ambiguous JSON, see
+``proxy.strictjson``: duplicate keys, integers beyond 64 bits, deep nesting),
+when a named query parameter or header is repeated (ambiguous), or when a
+required attribute is missing or empty (``BadRequest_Missing<Name>``).
+
+"Repeated" is judged the way lenient servers would read the request, so the
+policy and the upstream cannot pick different values: a query parameter read
+as an attribute is ambiguous when any other parameter names it after
+case-folding, ``;`` as a separator, a ``[...]`` suffix or ``.``/space for
+``_`` (PHP, ASP.NET, old CGI parsers); a header read as an attribute is
+ambiguous when another header names it with ``_`` for ``-`` (CGI/WSGI).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import parse_qs
-
-import orjson
+from urllib.parse import parse_qs, unquote_plus
 
 from proxy.config import AttributeSpec, RouteConfig
 from proxy.model import Exchange, Verdict
 from proxy.reasons import Reason, missing_attribute
+from proxy.strictjson import JsonRejected, loads_strict
 
 _ABSENT = object()
 
@@ -44,10 +52,9 @@ class AttributeBuilder:
         assert route is not None and principal is not None
         if route.reads_body and ex.body:
             try:
-                ex.json_body = orjson.loads(ex.body)
-            except orjson.JSONDecodeError:
-                return Verdict("DENY", 400, (Reason.INVALID_JSON,),
-                               "request body is not valid JSON")
+                ex.json_body = loads_strict(ex.body)
+            except JsonRejected as exc:
+                return Verdict("DENY", 400, (exc.reason,), exc.message)
         groups: dict[str, dict[str, Any]] = {"subject": {}, "args": {}, "context": {}}
         if principal.tenant is not None:
             groups["context"]["tenant_id"] = principal.tenant
@@ -79,17 +86,18 @@ class AttributeBuilder:
             return ex.params.get(spec.name, _ABSENT)
         if spec.source == "query":
             values = (query or {}).get(spec.name)
-            if not values:
+            loose = _loose_query_count(ex.target.query, spec.name)
+            if not values and not loose:
                 return _ABSENT
-            if len(values) > 1:
+            if not values or len(values) > 1 or loose != 1:
                 return Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
-                               f"query parameter {spec.name} is repeated")
+                               f"query parameter {spec.name} is repeated or misspelt")
             return values[0]
         if spec.source == "header":
             hv = ex.headers.getall(spec.name, [])
             if not hv:
                 return _ABSENT
-            if len(hv) > 1:
+            if len(hv) > 1 or _header_count(ex, spec.name) > 1:
                 return Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
                                f"header {spec.name} is repeated")
             return hv[0]
@@ -99,6 +107,28 @@ class AttributeBuilder:
             return resolve_pointer(ex.json_body, spec.name)
         return {"id": principal.id, "role": principal.role,
                 "tenant": principal.tenant}.get(spec.name, _ABSENT)
+
+
+_BRACKET_SUFFIX = re.compile(r"\[[^\]]*\]$")
+
+
+def _loose_name(name: str) -> str:
+    name = _BRACKET_SUFFIX.sub("", name.strip().casefold())
+    return name.replace(".", "_").replace(" ", "_").replace("[", "_")
+
+
+def _loose_query_count(query: str, name: str) -> int:
+    """How many parameters a lenient parser would take for ``name``."""
+    if not query:
+        return 0
+    want = _loose_name(name)
+    return sum(1 for piece in re.split("[&;]", query)
+               if piece and _loose_name(unquote_plus(piece.split("=", 1)[0])) == want)
+
+
+def _header_count(ex: Exchange, name: str) -> int:
+    want = name.lower().replace("_", "-")
+    return sum(1 for k in ex.headers if k.lower().replace("_", "-") == want)
 
 
 def build_input(ex: Exchange, route: RouteConfig,

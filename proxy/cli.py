@@ -21,6 +21,7 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.settings import Environment
 
 if TYPE_CHECKING:
+    from proxy.app import WorkerSpec
     from proxy.audit.verify import AuditReader
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -34,42 +35,89 @@ def _config(args: argparse.Namespace, env: Environment) -> Config:
     return load_config(path, env)
 
 
-def _setup_logging(env: Environment) -> None:
-    level = getattr(logging, env.log_level.upper(), None)
-    if not isinstance(level, int):
-        level = logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _setup_logging(env: Environment, worker: int | None = None) -> None:
+    from proxy.logs import setup_logging
+
+    setup_logging(env.log_level, {"worker": worker} if worker is not None else None)
 
 
 # ------------------------------------------------------------ run
 
 
-async def _serve_forever(cfg: Config, env: Environment) -> None:
-    from proxy.app import Runtime, serve
+async def _serve_forever(cfg: Config, env: Environment, worker: WorkerSpec | None = None
+                         ) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully (docs/operations.md).
 
-    stop = asyncio.Event()
+    A second SIGTERM/SIGINT skips what is left of the shutdown delay; SIGHUP
+    reloads the config.
+    """
+    from proxy.app import Runtime, graceful_stop, serve
+    from proxy.tasks import spawn
+
+    log = logging.getLogger("casf")
+    stop, hurry, hup = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with Runtime.open(cfg, env) as rt:
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    async with Runtime.open(cfg, env, worker=worker) as rt:
         serving = await serve(rt)
-        logging.getLogger("casf").warning(
-            "casf-proxy listening: traffic %s:%d → %s, admin %s:%d, mode %s, policy %s",
-            cfg.traffic.host, serving.traffic_port, cfg.upstream.url, cfg.admin.host,
-            serving.admin_port, rt.mode.current().value, rt.pipeline.policy_hash)
+        log.warning(
+            "casf-proxy listening: traffic %s:%d → %s, admin %s:%d, mode %s, policy %s, "
+            "config %s", rt.cfg.traffic.host, serving.traffic_port, cfg.upstream.url,
+            rt.cfg.admin.host, serving.admin_port, rt.mode.current().value,
+            rt.pipeline.policy_hash, cfg.digest[:12])
+
+        async def reloads() -> None:
+            while True:
+                await hup.wait()
+                hup.clear()
+                await rt.reload("SIGHUP")
+
+        reloader = spawn(reloads(), name="casf-sighup")
+        if worker is not None:
+            from proxy.workers import watch_parent
+
+            spawn(watch_parent(stop), name="casf-parent-watch")
         await stop.wait()
-        await serving.close()
+        reloader.cancel()
+        await graceful_stop(rt, serving, hurry)
+    log.warning("casf-proxy stopped: requests drained, audit flushed, connections closed")
 
 
 def cmd_run(args: argparse.Namespace, env: Environment) -> int:
+    # a SIGHUP before the loop's handler is installed must not kill the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _config(args, env)
+    worker: WorkerSpec | None = None
+    if args.worker is not None:  # started by the supervisor of `run --workers N`
+        from proxy.app import WorkerSpec
+
+        worker = WorkerSpec(args.worker, args.workers, args.traffic_port, args.admin_port)
+        _setup_logging(env, args.worker)
+    elif args.workers > 1:
+        from proxy.workers import supervise
+
+        if not env.redis_url:
+            logging.getLogger("casf").error(
+                "--workers %d needs REDIS_URL: replay protection, rate limits and the mode "
+                "must be shared by the workers (run one worker without it)", args.workers)
+            return EXIT_ERROR
+        if cfg.policy.engine == "regorus":  # fail here, not in N workers
+            from proxy.policy_regorus import RegorusEngine
+
+            RegorusEngine(cfg.policy).close()
+        return supervise(args.config or env.config_path or "", cfg, env, args.workers)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_serve_forever(cfg, env))
+        asyncio.run(_serve_forever(cfg, env, worker))
     else:
-        uvloop.run(_serve_forever(cfg, env))
+        uvloop.run(_serve_forever(cfg, env, worker))
     return EXIT_OK
 
 
@@ -367,6 +415,16 @@ async def _digest(cfg: Config, env: Environment, day: str | None,
 # ------------------------------------------------------------ main
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casf-proxy",
                                      description="Inline policy-enforcing sidecar proxy")
@@ -377,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="run the proxy")
     with_config(p_run)
+    p_run.add_argument("--workers", type=_positive, default=1, metavar="N",
+                       help="N worker processes sharing the ports (SO_REUSEPORT; needs "
+                       "REDIS_URL when N > 1)")
+    # set by the supervisor for its workers (proxy/workers.py)
+    p_run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p_run.add_argument("--traffic-port", type=int, default=0, help=argparse.SUPPRESS)
+    p_run.add_argument("--admin-port", type=int, default=0, help=argparse.SUPPRESS)
     p_run.set_defaults(func=cmd_run)
 
     p_val = sub.add_parser("validate", help="check the config and compile the policies")
@@ -433,12 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args, env)
     except ConfigError as exc:
-        print(f"casf-proxy: config error: {exc}", file=sys.stderr)
+        _fail(args, f"config error: {exc}")
         return EXIT_ERROR
     except Exception as exc:
-        print(f"casf-proxy: error: {exc}", file=sys.stderr)
+        _fail(args, f"error: {exc}")
         return EXIT_ERROR
     return code
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    """``run`` reports through the (JSON) log; the other commands print for a human."""
+    if args.command == "run":
+        logging.getLogger("casf").error("casf-proxy: %s", message)
+    else:
+        print(f"casf-proxy: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

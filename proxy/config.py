@@ -252,6 +252,25 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    """SIGTERM/SIGINT: readiness turns 503 at once, the traffic listener keeps
+    accepting for ``delay_s``, then in-flight requests get ``drain_timeout_s``
+    to finish (docs/operations.md, graceful shutdown)."""
+
+    delay_s: float = 5.0
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """Hot reload: SIGHUP always; with ``watch`` the config file, the key
+    sources and the policy files are polled every ``interval_s`` as well."""
+
+    watch: bool = True
+    interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class AttributeSpec:
     target: str  # dotted path into the policy input, e.g. "subject.patient_id"
     source: AttrSource
@@ -297,6 +316,8 @@ class Config:
     enforce_default: bool
     table: RouteTable[RouteConfig] = field(compare=False, repr=False)
     digest: str = ""
+    shutdown: ShutdownConfig = ShutdownConfig()
+    reload: ReloadConfig = ReloadConfig()
 
     @property
     def replay_lease_s(self) -> float:
@@ -418,7 +439,8 @@ class _Reader:
 
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
-             "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults"}
+             "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
+             "shutdown", "reload"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -601,6 +623,19 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
             r.fail(f"unmatched.passthrough[{i}]", f"{text!r} must start with '/'")
         passthrough.append(text)
 
+    sd = r.mapping(top.get("shutdown"), "shutdown")
+    r.known(sd, "shutdown", {"delay_ms", "drain_timeout_ms"})
+    shutdown = ShutdownConfig(
+        delay_s=r.number(sd, "delay_ms", "shutdown", 5000, 0) / 1000,
+        drain_timeout_s=r.number(sd, "drain_timeout_ms", "shutdown", 10_000, 0) / 1000,
+    )
+    rl = r.mapping(top.get("reload"), "reload")
+    r.known(rl, "reload", {"watch", "interval_ms"})
+    reload = ReloadConfig(
+        watch=r.boolean(rl, "watch", "reload", True),
+        interval_s=r.number(rl, "interval_ms", "reload", 1000, 50) / 1000,
+    )
+
     digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
@@ -608,7 +643,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         rate_limits=tuple(rules), budgets=budgets, redis=redis_cfg, policy=policy, audit=audit,
         routes=routes,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
-        digest=digest,
+        digest=digest, shutdown=shutdown, reload=reload,
     )
 
 

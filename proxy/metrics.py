@@ -1,8 +1,19 @@
-"""Prometheus metrics with the contract's names, on a per-app registry."""
+"""Prometheus metrics with the contract's names, on a per-app registry.
+
+With ``casf-proxy run --workers N`` every worker runs with
+``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client's multiprocess mode): the
+values live in memory-mapped files in that directory, and :func:`exposition`
+merges every worker's files, so ``/metrics`` on any worker shows the totals
+(docs/operations.md, workers).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
@@ -19,7 +30,8 @@ class Metrics:
         self.duration = Histogram("casf_request_duration_seconds",
                                   "Time from request to response headers",
                                   buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("casf_in_flight", "Requests being processed", registry=r)
+        self.in_flight = Gauge("casf_in_flight", "Requests being processed", registry=r,
+                               multiprocess_mode="livesum")
         self.fail_closed = Counter("casf_fail_closed_total", "Fail-closed denials by trigger",
                                    ["trigger"], registry=r)
         self.replay_hit = Counter("casf_replay_hit_total", "Replayed outcomes", registry=r)
@@ -53,3 +65,43 @@ class Metrics:
         self.upstream_duration = Histogram("casf_upstream_duration_seconds",
                                            "Upstream time to response headers",
                                            buckets=_LATENCY_BUCKETS, registry=r)
+        # hot reload (docs/operations.md): result is "success" or "error"; the info
+        # gauge is 1 for the hash of the config (and policy bundle) in force
+        self.config_reload = Counter("casf_config_reload_total",
+                                     "Config reloads (SIGHUP or file change), by result",
+                                     ["result"], registry=r)
+        for result in ("success", "error"):
+            self.config_reload.labels(result)
+        self.config_info = Gauge("casf_config_info", "1 for the active config hash",
+                                 ["hash"], registry=r, multiprocess_mode="livemax")
+        self._config_hash: str | None = None
+
+    def set_config_hash(self, digest: str) -> None:
+        """Make ``digest`` the only ``casf_config_info`` series at 1."""
+        old, self._config_hash = self._config_hash, digest
+        self.config_info.labels(digest).set(1)
+        if old is not None and old != digest:
+            self.config_info.labels(old).set(0)  # multiprocess files keep it: hidden at 0
+            self.config_info.remove(old)
+
+
+class _MergedWorkers:
+    """Every worker's values (multiprocess mode), minus retired config hashes."""
+
+    def __init__(self, path: str) -> None:
+        self._collector = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._collector.collect():  # type: ignore[no-untyped-call]
+            if family.name == "casf_config_info":
+                family.samples = [s for s in family.samples if s.value]
+            yield family
+
+
+def exposition(metrics: Metrics, multiproc_dir: str | None) -> bytes:
+    """The ``/metrics`` body: this process's registry, or all workers' merged."""
+    if multiproc_dir is None:
+        return generate_latest(metrics.registry)
+    registry = CollectorRegistry()
+    registry.register(_MergedWorkers(multiproc_dir))
+    return generate_latest(registry)

@@ -44,3 +44,9 @@ class Environment:
     @property
     def log_level(self) -> str:
         return (self.get("CASF_LOG_LEVEL") or "info").lower()
+
+    @property
+    def prometheus_multiproc_dir(self) -> str | None:
+        """Set by ``casf-proxy run --workers N`` for its workers (prometheus_client's
+        multiprocess mode, which reads the same variable itself)."""
+        return self.get("PROMETHEUS_MULTIPROC_DIR")

@@ -26,6 +26,10 @@ from proxy.settings import Environment
 # audit tests (tests/test_postgres_audit.py); every other test, and every proxy
 # or CLI process a test starts, must run embedded, so it is taken out here.
 EXTERNAL_PG_DSN = os.environ.pop("PG_DSN", None) or None
+# Proxy processes the tests start (the clinic config reads these) stop after SIGTERM
+# without the production delay of 5 s (docs/operations.md, graceful shutdown).
+os.environ.setdefault("CASF_SHUTDOWN_DELAY_MS", "50")
+os.environ.setdefault("CASF_DRAIN_TIMEOUT_MS", "5000")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLINIC = ROOT / "examples" / "clinic"

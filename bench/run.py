@@ -1,13 +1,19 @@
-"""Side-by-side throughput of the clinic backend, a bare proxy and casf-proxy.
+"""Side-by-side benchmark of the clinic backend, a bare proxy and casf-proxy.
 
-    python bench/run.py [--duration 10] [--connections 32] [--targets ...]
+    bash bench/run.sh            (installs wrk, then runs this with defaults)
+    python bench/run.py [--duration 10] [--connections 32] [--rate 1000] [--targets ...]
 
 Starts, in one run on this machine: the clinic backend (reached directly: the
-limit), a bare aiohttp pass-through proxy (bench/bare_proxy.py: the floor of any
-aiohttp proxy), casf-proxy on embedded defaults, and casf-proxy with a real
-redis-server (started here). Each is loaded with wrk (closed loop) on a read
-route (GET /appointments) and a write route (POST /appointments with a unique
-Idempotency-Key per request), with API-key auth and the example's Rego policy.
+limit), a bare aiohttp pass-through proxy (bench/bare_proxy.py: the floor of
+any aiohttp proxy), casf-proxy on embedded defaults (memory state, SQLite
+audit), and casf-proxy with a real redis-server and PostgreSQL (started here,
+fsync on). Each is measured on a read route (GET /appointments) and a write
+route (POST /appointments, unique Idempotency-Key per request), with API-key
+auth and the example's Rego policy, under two load shapes: maximum throughput
+(wrk, closed loop) and a fixed rate (bench/loadgen.py, open loop, latency from
+each request's scheduled time). Reports req/s, p50/p90/p99/p99.9, errors,
+ratios against the direct backend and the bare proxy, RSS of each process,
+and checks that the audit trail holds one ALLOW decision per forwarded request.
 Prints a table and writes bench/results/latest.json.
 """
 
@@ -26,11 +32,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import RedisServer, free_port  # noqa: E402
+from tests.servers import PostgresServer, RedisServer, free_port  # noqa: E402
 
 PY = sys.executable
 API_KEY = "demo-receptionist"
@@ -47,6 +54,7 @@ class Result:
     errors: int
     requests: int
     rss_mb: dict[str, float] = field(default_factory=dict)
+    fixed_rate: dict[str, Any] = field(default_factory=dict)
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -114,12 +122,59 @@ def wrk(url: str, route: str, duration: float, connections: int) -> dict[str, fl
             "p99_ms": _ms(pct.get("99", "")), "errors": errors, "requests": total}
 
 
+def fixed_rate(url: str, route: str, rate: float, duration: float) -> dict[str, Any]:
+    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + "/appointments", "--rate", str(rate),
+            "--duration", str(duration), "--json"]
+    if route == "write":
+        args.append("--write")
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out))
+
+
+def upstream_received(upstream: str) -> int:
+    """Requests the backend has received on /appointments (its own counter)."""
+    import urllib.request
+
+    with urllib.request.urlopen(upstream + "/_stats", timeout=5) as r:
+        stats = json.loads(r.read())
+    return sum(n for k, n in stats.items() if k.endswith(" /appointments"))
+
+
+def audit_allows(target: str, tmp: Path, dsn: str | None) -> int:
+    """ALLOW decision records committed by the proxy (must equal forwarded requests)."""
+    if dsn is not None:
+        import asyncio
+
+        import asyncpg
+
+        async def count() -> int:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return int(await conn.fetchval(
+                    "SELECT count(*) FROM audit_events WHERE kind = 'decision' "
+                    "AND decision = 'ALLOW'"))
+            finally:
+                await conn.close()
+
+        return asyncio.run(count())
+    import sqlite3
+
+    db = sqlite3.connect(tmp / f"{target}.db")
+    try:
+        return int(db.execute("SELECT count(*) FROM audit_events WHERE kind = 'decision' "
+                              "AND decision = 'ALLOW'").fetchone()[0])
+    finally:
+        db.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--targets", default="direct,bare,embedded,redis")
+    ap.add_argument("--targets", default="direct,bare,embedded,full")
+    ap.add_argument("--rate", type=float, default=1000.0, help="fixed-rate load (req/s)")
+    ap.add_argument("--rate-duration", type=float, default=10.0)
     ap.add_argument("--routes", default="read,write")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     a = ap.parse_args()
@@ -129,6 +184,8 @@ def main() -> int:
     targets = a.targets.split(",")
     routes = a.routes.split(",")
     results: list[Result] = []
+    dsns: dict[str, str] = {}
+    audit_checks: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="casf-bench-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         backend_port = free_port()
@@ -146,45 +203,72 @@ def main() -> int:
                         [PY, "bench/bare_proxy.py", "--port", str(port), "--upstream", upstream],
                         port))
                     url = f"http://127.0.0.1:{port}"
-                elif target in ("embedded", "redis"):
+                elif target in ("embedded", "redis", "full"):
                     port, admin = free_port(), free_port()
                     env = {"CLINIC_UPSTREAM": upstream, "CASF_PORT": str(port),
                            "CASF_ADMIN_PORT": str(admin), "CASF_LOG_LEVEL": "warning",
+                           "CASF_SHUTDOWN_DELAY_MS": "0",
                            "CASF_AUDIT_PATH": str(tmp / f"{target}.db")}
-                    if target == "redis":
-                        redis = RedisServer(tmp / "redis")
+                    if target in ("redis", "full"):
+                        redis = RedisServer(tmp / f"redis-{target}")
                         redis.start()
                         per.callback(redis.stop)
                         env["REDIS_URL"] = redis.url
                         if redis.proc is not None:
-                            procs["redis"] = redis.proc  # type: ignore[assignment]
+                            procs["redis"] = redis.proc
+                    if target == "full":
+                        pg = PostgresServer(fsync=True)
+                        pg.start()
+                        per.callback(pg.destroy)
+                        env["PG_DSN"] = dsns[target] = pg.dsn
+                        subprocess.run([PY, "-m", "proxy.cli", "audit", "migrate", "-c",
+                                        "examples/clinic/casf.yaml"], cwd=ROOT, check=True,
+                                       env={**os.environ, **env}, capture_output=True)
                     procs["proxy"] = per.enter_context(process(
                         [PY, "-m", "proxy.cli", "run", "-c", "examples/clinic/casf.yaml"],
                         port, env, tmp / f"{target}.log"))
                     url = f"http://127.0.0.1:{port}"
                 else:
                     raise SystemExit(f"unknown target {target}")
+                received_before = upstream_received(upstream)
                 for route in routes:
                     wrk(url, route, a.warmup, a.connections)
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
+                    res.fixed_rate = fr = fixed_rate(url, route, a.rate, a.rate_duration)
                     res.rss_mb = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
                     results.append(res)
                     print(f"{target:9} {route:5} {res.rps:9.0f} req/s  p50 {res.p50_ms:6.2f} ms"
-                          f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors}", flush=True)
+                          f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors} | at {a.rate:.0f}/s:"
+                          f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
+                          f" errors {fr['errors']}", flush=True)
+                if target in ("embedded", "redis", "full"):
+                    time.sleep(1.0)  # let the last records commit
+                    forwarded = upstream_received(upstream) - received_before
+                    audit_checks[target] = {"forwarded": forwarded, "allow_records":
+                                            audit_allows(target, tmp, dsns.get(target))}
+                    print(f"{target:9} audit: {audit_checks[target]}", flush=True)
     base = {(r.route, r.target): r.rps for r in results}
-    print("\n| target | route | req/s | x direct | x bare | p50 ms | p99 ms | errors |"
-          "\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| target | route | req/s | x direct | x bare | p50 ms | p99 ms | errors "
+          f"| @{a.rate:.0f}/s p50 | p90 | p99 | p99.9 ms | RSS proxy MB |"
+          f"\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, b = base.get((r.route, "direct")), base.get((r.route, "bare"))
+        fr = r.fixed_rate
         print(f"| {r.target} | {r.route} | {r.rps:.0f} | {r.rps / d if d else float('nan'):.2f} "
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-              f"| {r.errors} |")
+              f"| {r.errors} | {fr.get('p50_ms')} | {fr.get('p90_ms')} | {fr.get('p99_ms')} "
+              f"| {fr.get('p99_9_ms')} | {r.rss_mb.get('proxy', '-')} |")
+    for target, check in audit_checks.items():
+        verdict = "ok" if check["forwarded"] == check["allow_records"] else "MISMATCH"
+        print(f"audit {target}: {check['allow_records']} ALLOW records for "
+              f"{check['forwarded']} forwarded requests: {verdict}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "settings": {"duration_s": a.duration, "connections": a.connections},
-        "results": [asdict(r) for r in results]}, indent=2))
+        "settings": {"duration_s": a.duration, "connections": a.connections,
+                     "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration},
+        "results": [asdict(r) for r in results], "audit": audit_checks}, indent=2))
     print(f"\nwritten to {a.out}")
     return 0
 

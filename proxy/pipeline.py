@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from proxy.audit.records import EventIds, base_record
@@ -38,23 +37,29 @@ from proxy.model import Exchange, Principal, Verdict
 from proxy.pathnorm import MalformedTarget, Target, split_target
 from proxy.ports import AdmissionStore, AuditSink, AuditUnavailable, ModeStore, StoredOutcome
 from proxy.reasons import Reason
+from proxy.requestcheck import header_verdict, override_param_verdict
 from proxy.stages import Stage
 from proxy.stages.replay import client_request_id
+from proxy.tasks import spawn
 
 log = logging.getLogger("casf.access")
 errlog = logging.getLogger("casf.pipeline")
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 _ANONYMOUS = Principal("anonymous", "", None, "none", "")
 
 
 def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
-    """(trace_id, traceparent to forward): the caller's W3C context, or a new one."""
+    """(trace_id, traceparent to forward) per W3C Trace Context.
+
+    A valid caller ``traceparent`` keeps its trace id and flags; the proxy is a
+    new span, so the upstream gets a new parent id. Absent or invalid: a new
+    trace (sampled).
+    """
     tp = headers.get("traceparent", "").strip().lower()
     m = _TRACEPARENT.match(tp)
     if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
-        return m.group(1), tp
+        return m.group(1), f"00-{m.group(1)}-{secrets.token_hex(8)}-{m.group(3)}"
     trace_id = secrets.token_hex(16)
     return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
 
@@ -76,6 +81,12 @@ class Pipeline:
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
         self.event_ids = EventIds()
+        self._pending: set[asyncio.Task[None]] = set()  # outcome records being committed
+
+    async def flush(self) -> None:
+        """Wait until every outcome record handed to the audit sink is committed."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     # ------------------------------------------------------------ entry
 
@@ -87,7 +98,7 @@ class Pipeline:
                       peer=_peer(request), scheme=request.scheme,
                       host=request.headers.get("Host", ""), trace_id=trace_id,
                       traceparent=traceparent, mode=self.mode.current())
-        decision, status = "DENY", 500
+        decision, status, sent = "DENY", 500, 0
         reasons: tuple[str, ...] = (Reason.INTERNAL_ERROR,)
         # the caller's id when valid (validation errors are the replay stage's to report),
         # else a generated one, so every envelope and record names the request
@@ -98,26 +109,29 @@ class Pipeline:
             if decision != "ALLOW" and status != 503 and response.status == 503:  # no audit
                 decision, status = "DENY", 503
                 reasons = (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE)
+            sent = response.status
             return response
         except Exception:
             errlog.exception("unexpected error (trace %s)", trace_id)
             verdict = Verdict("DENY", 500, (Reason.INTERNAL_ERROR,), "internal error",
                               shadowable=False)
-            return await self._deny(ex, verdict)
+            response = await self._deny(ex, verdict)
+            sent = response.status
+            return response
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.in_flight.dec()
             self.metrics.duration.observe(elapsed)
             self.metrics.requests.labels(ex.tool or "-", decision).inc()
-            if log.isEnabledFor(logging.INFO):
-                log.info(orjson.dumps({
+            if log.isEnabledFor(logging.INFO):  # one JSON line (proxy.logs), never bodies
+                log.info({
                     "trace_id": trace_id, "request_id": ex.request_id or None,
                     "method": ex.method, "route": ex.route.path if ex.route else None,
-                    "tool": ex.tool or None, "decision": decision, "status": status,
+                    "tool": ex.tool or None, "decision": decision, "status": sent or status,
                     "auth": ex.principal.auth if ex.principal else None,
                     "key_id": ex.principal.key_id if ex.principal else None,  # never the key
                     "reason_codes": list(reasons), "shadow": ex.shadow or None,
-                    "latency_ms": round(elapsed * 1000, 3)}).decode())
+                    "latency_ms": round(elapsed * 1000, 3)})
 
     async def _run(self, request: web.BaseRequest, ex: Exchange
                    ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
@@ -156,13 +170,16 @@ class Pipeline:
 
     async def _parse(self, request: web.BaseRequest, ex: Exchange) -> Verdict | None:
         limits = self.cfg.limits
-        if any(h in request.headers for h in _METHOD_OVERRIDES):
-            return Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
-                           "method override headers are not accepted", shadowable=False)
+        # non-ASCII header bytes, method/URL overrides, Content-Encoding (proxy.requestcheck)
+        verdict = header_verdict(request.raw_headers)
+        if verdict is not None:
+            return verdict
         try:
             ex.target = split_target(request.raw_path)
         except MalformedTarget as exc:
             return Verdict("DENY", 400, (Reason.MALFORMED_PATH,), str(exc), shadowable=False)
+        if ex.target.query and (verdict := override_param_verdict(ex.target.query, None, b"")):
+            return verdict
         length = request.content_length
         too_large = Verdict("DENY", 413, (Reason.REQUEST_TOO_LARGE,),
                             f"request body exceeds {limits.max_body_bytes} bytes",
@@ -186,7 +203,7 @@ class Pipeline:
                            (("Connection", "close"),), shadowable=False)
         ex.body = b"".join(chunks)
         ex.body_sha256 = hashlib.sha256(ex.body).hexdigest()
-        return None
+        return override_param_verdict("", request.headers.get("Content-Type"), ex.body)
 
     def _passthrough(self, path: str) -> bool:
         for prefix in self.cfg.passthrough:
@@ -354,13 +371,23 @@ class Pipeline:
             except Exception:
                 errlog.warning("could not store outcome for replay (trace %s)", ex.trace_id)
         latency = round((time.perf_counter() - started) * 1000, 3)
+        # the response is complete and its decision record was committed before
+        # the forward: the outcome record is committed in the background, so
+        # the connection's next request does not wait for a second commit
+        # (flush() waits for these at shutdown)
+        task = spawn(self._record_outcome(ex, upstream.status, latency, digest.hexdigest(), size),
+                     name="casf-outcome-record")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return out
+
+    async def _record_outcome(self, ex: Exchange, status: int, latency: float, digest: str,
+                              size: int) -> None:
         try:
-            await self._record(ex, "outcome", "ALLOW", upstream.status, (),
-                               latency_ms=latency, response_sha256=digest.hexdigest(),
-                               response_bytes=size)
+            await self._record(ex, "outcome", "ALLOW", status, (), latency_ms=latency,
+                               response_sha256=digest, response_bytes=size)
         except AuditUnavailable:
             errlog.error("outcome not audited (trace %s)", ex.trace_id)
-        return out
 
 
 def _peer(request: web.BaseRequest) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -123,9 +124,12 @@ class RegorusEngine:
         except TypeError:
             return PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_EVAL_ERROR)
         cache = self._cache
-        hit = cache.get(doc)
+        # keyed by the input's SHA-256: orjson's output buffer is ~4 KB whatever
+        # the document's size, so keeping it would make a full cache ~40 MB
+        key = hashlib.sha256(doc).digest()
+        hit = cache.get(key)
         if hit is not None:
-            cache.move_to_end(doc)
+            cache.move_to_end(key)
             return hit
         try:
             self._engine.set_input_json(doc.decode())
@@ -134,7 +138,7 @@ class RegorusEngine:
             return PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_EVAL_ERROR)
         result = parse_result(raw)
         if self._cache_max:
-            cache[doc] = result
+            cache[key] = result
             if len(cache) > self._cache_max:
                 cache.popitem(last=False)
         return result

@@ -14,6 +14,7 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
   need+=(postgresql)
 fi
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests
+command -v wrk >/dev/null || need+=(wrk)  # the benchmark's smoke test
 for extra in "$@"; do command -v "$extra" >/dev/null || need+=("$extra"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null; then

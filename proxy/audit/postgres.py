@@ -53,6 +53,7 @@ import orjson
 
 from proxy.audit.chain import GENESIS, seal
 from proxy.audit.records import FIELDS
+from proxy.audit.waiting import submit
 from proxy.canonical import canonical_json
 from proxy.ports import AuditReceipt, AuditUnavailable
 from proxy.tasks import spawn
@@ -146,12 +147,6 @@ async def _close(conn: Any, timeout_s: float = 5.0) -> None:
         await asyncio.wait_for(conn.close(), timeout=timeout_s)
     except Exception:
         conn.terminate()
-
-
-def _consume(fut: asyncio.Future[AuditReceipt]) -> None:
-    """Mark a result as seen so a waiter that timed out leaves no warning."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 # ------------------------------------------------------------------ sink
@@ -345,14 +340,7 @@ class PostgresAuditSink:
     async def append(self, record: dict[str, Any]) -> AuditReceipt:
         if self._writer is None or self._writer.done():
             raise AuditUnavailable("audit writer is not running")
-        fut: asyncio.Future[AuditReceipt] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume)
-        self._queue.put_nowait((record, fut))
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await fut
-        except TimeoutError as exc:
-            raise AuditUnavailable("audit commit timed out") from exc
+        return await submit(self._queue, record, self.timeout_s)
 
     async def healthy(self) -> bool:
         """Connected with the lease, last batch committed, no commit pending past the timeout."""

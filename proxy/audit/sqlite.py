@@ -23,6 +23,7 @@ import orjson
 
 from proxy.audit.chain import GENESIS, seal
 from proxy.audit.records import FIELDS
+from proxy.audit.waiting import submit
 from proxy.ports import AuditReceipt, AuditUnavailable
 from proxy.tasks import spawn
 
@@ -163,12 +164,6 @@ class SqliteReader:
         return from_row(row) if row is not None else None
 
 
-def _consume(fut: asyncio.Future[AuditReceipt]) -> None:
-    """Mark a result as seen so a waiter that timed out leaves no warning."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 class SqliteAuditSink:
     """One chain (``chain_id``) in a SQLite file, appended by a single writer task."""
 
@@ -224,14 +219,7 @@ class SqliteAuditSink:
     async def append(self, record: dict[str, Any]) -> AuditReceipt:
         if self._writer is None or self._writer.done():
             raise AuditUnavailable("audit writer is not running")
-        fut: asyncio.Future[AuditReceipt] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume)
-        self._queue.put_nowait((record, fut))
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await fut
-        except TimeoutError as exc:
-            raise AuditUnavailable("audit commit timed out") from exc
+        return await submit(self._queue, record, self.timeout_s)
 
     async def healthy(self) -> bool:
         """False after a failed commit, or while one has been pending past the timeout."""
@@ -262,14 +250,22 @@ class SqliteAuditSink:
                 batch.append(q.get_nowait())
             seq, prev = self._seq, self._prev
             rows: list[tuple[Any, ...]] = []
-            receipts: list[AuditReceipt] = []
-            for record, _ in batch:
-                seq += 1
+            receipts: list[AuditReceipt | None] = []
+            for record, fut in batch:
                 for f in FIELDS:  # stored as NULL and read back as null: hash it so
                     record.setdefault(f, None)
-                seal(record, self.chain_id, seq, prev)
+                try:
+                    seal(record, self.chain_id, seq + 1, prev)
+                    row = to_row(record)
+                except Exception:  # e.g. a value canonical JSON cannot represent:
+                    # refuse this request only; the writer and the chain go on
+                    if not fut.done():
+                        fut.set_exception(AuditUnavailable("audit record cannot be serialised"))
+                    receipts.append(None)
+                    continue
+                seq += 1
                 prev = record["hash"]
-                rows.append(to_row(record))
+                rows.append(row)
                 receipts.append(AuditReceipt(self.chain_id, seq, prev))
             self._committing_since = time.monotonic()
             try:
@@ -283,7 +279,7 @@ class SqliteAuditSink:
                 self._ok = True
                 self._seq, self._prev = seq, prev
                 for (_, fut), receipt in zip(batch, receipts, strict=True):
-                    if not fut.done():
+                    if receipt is not None and not fut.done():
                         fut.set_result(receipt)
             finally:
                 self._committing_since = None

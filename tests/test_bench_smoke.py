@@ -1,0 +1,32 @@
+"""The benchmark starts, measures and writes its JSON (a smoke test, no timing
+assertion: performance is measured by bench/, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.servers import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_on_a_few_hundred_requests(tmp_path: Path) -> None:
+    require_binary("wrk")
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "bench/run.py", "--targets", "direct,bare,embedded", "--duration", "1",
+         "--warmup", "1", "--rate", "100", "--rate-duration", "1", "--connections", "4",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    rows = {(r["target"], r["route"]): r for r in data["results"]}
+    assert set(rows) == {(t, r) for t in ("direct", "bare", "embedded") for r in ("read", "write")}
+    for row in rows.values():
+        assert row["requests"] > 0 and row["errors"] == 0
+        assert row["fixed_rate"]["requests"] >= 50 and row["fixed_rate"]["errors"] == 0
+    check = data["audit"]["embedded"]
+    assert check["forwarded"] > 0 and check["forwarded"] == check["allow_records"]
+    assert "| embedded | write |" in res.stdout

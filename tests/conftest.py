@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from yarl import URL
 from proxy.app import Runtime, Serving, serve
 from proxy.config import Config, load_config
 from proxy.settings import Environment
+from tests.servers import RedisServer
 
 # PG_DSN in the test run's environment names the PostgreSQL for the PostgreSQL
 # audit tests (tests/test_postgres_audit.py); every other test, and every proxy
@@ -102,6 +103,15 @@ async def run_upstream(state: Upstream | None = None, port: int = 0
         yield state
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server for one test (skips locally, fails under CI=true)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

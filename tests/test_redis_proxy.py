@@ -20,14 +20,6 @@ APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def redis_proxy(make_proxy: Callable[..., Any], redis_server: RedisServer) -> Callable[..., Any]:
     def factory(patch: Callable[[dict[str, Any]], None] = lambda d: None) -> Any:
         return make_proxy(patch, REDIS_URL=redis_server.url)

@@ -22,14 +22,6 @@ _PREFIXES = itertools.count()
 SEMANTICS_TIMEOUT_S = 2.0
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))

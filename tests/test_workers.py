@@ -19,18 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import KEYS, ROOT, clinic_env, run_upstream, write_config
 from tests.servers import RedisServer, free_port
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def log_lines(path: Path) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
     bash bench/run.sh            (installs wrk, then runs this with defaults)
     python bench/run.py [--duration 10] [--connections 32] [--rate 1000] [--targets ...]
+                        [--workers N]
 
 Starts, in one run on this machine: the clinic backend (reached directly: the
 limit), a bare aiohttp pass-through proxy (bench/bare_proxy.py: the floor of
@@ -174,6 +175,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--targets", default="direct,bare,embedded,full")
     ap.add_argument("--rate", type=float, default=1000.0, help="fixed-rate load (req/s)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="casf-proxy run --workers N for the redis and full targets")
     ap.add_argument("--rate-duration", type=float, default=10.0)
     ap.add_argument("--routes", default="read,write")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
@@ -224,9 +227,10 @@ def main() -> int:
                         subprocess.run([PY, "-m", "proxy.cli", "audit", "migrate", "-c",
                                         "examples/clinic/casf.yaml"], cwd=ROOT, check=True,
                                        env={**os.environ, **env}, capture_output=True)
+                    workers = a.workers if target in ("redis", "full") else 1
                     procs["proxy"] = per.enter_context(process(
-                        [PY, "-m", "proxy.cli", "run", "-c", "examples/clinic/casf.yaml"],
-                        port, env, tmp / f"{target}.log"))
+                        [PY, "-m", "proxy.cli", "run", "-c", "examples/clinic/casf.yaml",
+                         "--workers", str(workers)], port, env, tmp / f"{target}.log"))
                     url = f"http://127.0.0.1:{port}"
                 else:
                     raise SystemExit(f"unknown target {target}")

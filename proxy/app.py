@@ -584,12 +584,12 @@ class Runtime:
         try:
             await self.mode.set(new)
         except StoreUnavailable:
+            reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
             with contextlib.suppress(AuditUnavailable):
-                reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
                 await self.audit.append(self._mode_record(request, old, new, "DENY", 503,
                                                           reasons))
-            return web.json_response({"error": "shared state unavailable; mode unchanged"},
-                                     status=503)
+            return web.json_response({"error": "shared state unavailable; mode unchanged",
+                                      "reason_codes": list(reasons)}, status=503)
         log.warning("mode changed %s -> %s", old.value, new.value)
         return web.json_response({"mode": new.value, "previous": old.value})
 

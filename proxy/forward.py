@@ -97,3 +97,20 @@ def new_session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
+    """The whole body, or its first ``cap + 1`` bytes when it is longer.
+
+    ``StreamReader.read(n)`` returns what is buffered so far, which may be a
+    fraction of a body that arrives in several packets.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await content.read(cap + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

@@ -66,6 +66,7 @@ class Exchange:
     shadow: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # fail-open events on reads
     budget_warnings: tuple[str, ...] = ()  # "<budget>:<period> <used>/<limit>"
+    forwarded: bool = False  # the upstream may have acted: a claim must not be released
 
     @property
     def tool(self) -> str:

@@ -49,6 +49,11 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _ANONYMOUS = Principal("anonymous", "", None, "none", "")
 
 
+# what a request ends with: the response, and the decision, status and reason
+# codes for the access log and the request metrics
+Answer = tuple[web.StreamResponse, str, int, tuple[str, ...]]
+
+
 def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
     """(trace_id, traceparent to forward) per W3C Trace Context.
 
@@ -106,16 +111,15 @@ class Pipeline:
             ex.request_id = self.event_ids.next()
         try:
             response, decision, status, reasons = await self._run(request, ex)
-            if decision != "ALLOW" and status != 503 and response.status == 503:  # no audit
-                decision, status = "DENY", 503
-                reasons = (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE)
             sent = response.status
             return response
         except Exception:
             errlog.exception("unexpected error (trace %s)", trace_id)
+            if ex.forwarded:  # keep the claim: it expires with its lease, never re-opened
+                ex.claim = None
             verdict = Verdict("DENY", 500, (Reason.INTERNAL_ERROR,), "internal error",
                               shadowable=False)
-            response = await self._deny(ex, verdict)
+            response, decision, status, reasons = await self._deny(ex, verdict)
             sent = response.status
             return response
         finally:
@@ -133,12 +137,11 @@ class Pipeline:
                     "reason_codes": list(reasons), "shadow": ex.shadow or None,
                     "latency_ms": round(elapsed * 1000, 3)})
 
-    async def _run(self, request: web.BaseRequest, ex: Exchange
-                   ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
+    async def _run(self, request: web.BaseRequest, ex: Exchange) -> Answer:
         # 1. parse & bound
         verdict = await self._parse(request, ex)
         if verdict is not None:
-            return await self._deny(ex, verdict), verdict.decision, verdict.status, verdict.reasons
+            return await self._deny(ex, verdict)
         # 2. route
         match = self.cfg.table.match(ex.method, ex.target.path)
         if match is None:
@@ -146,7 +149,7 @@ class Pipeline:
                 return await self._allow(request, ex, ())
             verdict = Verdict("DENY", 403, (Reason.ROUTE_NOT_MAPPED,),
                               "no route maps this request to a tool", shadowable=False)
-            return await self._deny(ex, verdict), "DENY", 403, verdict.reasons
+            return await self._deny(ex, verdict)
         ex.route, ex.params = match.value, dict(match.params)
         # 3-8. authenticate, attributes, anti-replay, invariants, rate limits, policy
         for stage in self.stages:
@@ -154,14 +157,14 @@ class Pipeline:
             if verdict is None:
                 continue
             if verdict.replay is not None:
-                return await self._replay(ex, verdict.replay), "ALLOW", verdict.status, ()
+                return await self._replay(ex, verdict.replay)
             if verdict.shadowable and not ex.route.enforce:
                 ex.shadow.extend(verdict.reasons)
                 self.metrics.shadow_denied.inc()
                 if ex.principal is None:
                     ex.principal = _ANONYMOUS
                 continue
-            return await self._deny(ex, verdict), verdict.decision, verdict.status, verdict.reasons
+            return await self._deny(ex, verdict)
         # 9-10. audit, then forward; the record names what shadow mode would have
         # denied and which dependency a fail-open route went on without
         return await self._allow(request, ex, (*ex.shadow, *ex.degraded))
@@ -233,8 +236,12 @@ class Pipeline:
             except Exception:
                 errlog.warning("could not release idempotency claim (trace %s)", ex.trace_id)
 
-    async def _deny(self, ex: Exchange, verdict: Verdict) -> web.Response:
-        """Answer with an envelope; the upstream is never contacted."""
+    async def _deny(self, ex: Exchange, verdict: Verdict) -> Answer:
+        """Answer with an envelope; the upstream is never contacted.
+
+        No decision goes unrecorded: when the deny cannot be audited, the answer
+        is 503 ``Audit_Unavailable`` instead, as on every other route.
+        """
         await self._release(ex)
         if verdict.fail_closed_trigger is not None:
             self.metrics.fail_closed.labels(verdict.fail_closed_trigger).inc()
@@ -244,22 +251,22 @@ class Pipeline:
         try:
             await self._record(ex, "decision", verdict.decision, verdict.status, verdict.reasons)
         except AuditUnavailable:
-            # no decision goes unrecorded: without the audit store every route
-            # answers 503 Audit_Unavailable, denials included
             errlog.error("deny not audited: audit store unavailable (trace %s)", ex.trace_id)
             return await self._audit_unavailable(ex)
-        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
-                                 self.policy_hash, extra)
+        return (envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
+                                  self.policy_hash, extra),
+                verdict.decision, verdict.status, verdict.reasons)
 
-    async def _audit_unavailable(self, ex: Exchange) -> web.Response:
+    async def _audit_unavailable(self, ex: Exchange) -> Answer:
         await self._release(ex)
         self.metrics.fail_closed.labels("audit").inc()
         verdict = Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE),
                           "the audit store is unavailable; request refused", shadowable=False)
-        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
-                                 self.policy_hash, (("Retry-After", "1"),))
+        return (envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
+                                  self.policy_hash, (("Retry-After", "1"),)),
+                verdict.decision, verdict.status, verdict.reasons)
 
-    async def _replay(self, ex: Exchange, outcome: StoredOutcome) -> web.StreamResponse:
+    async def _replay(self, ex: Exchange, outcome: StoredOutcome) -> Answer:
         """Return a stored upstream outcome again, after auditing the replay."""
         try:
             await self._record(ex, "replay", "ALLOW", outcome.status, ())
@@ -273,16 +280,15 @@ class Pipeline:
         resp.headers["X-Casf-Trace-Id"] = ex.trace_id
         if not outcome.body_complete:
             resp.headers["X-Casf-Replay-Body"] = "omitted"
-        return resp
+        return resp, "ALLOW", outcome.status, ()
 
     async def _allow(self, request: web.BaseRequest, ex: Exchange, reasons: tuple[str, ...]
-                     ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
+                     ) -> Answer:
         # 9. the decision record is committed before anything reaches the upstream
         try:
             await self._record(ex, "decision", "ALLOW", 200, reasons)
         except AuditUnavailable:
-            return (await self._audit_unavailable(ex), "DENY", 503,
-                    (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE))
+            return await self._audit_unavailable(ex)
         # 10. forward
         return await self._forward(request, ex), "ALLOW", 200, reasons
 
@@ -293,6 +299,7 @@ class Pipeline:
                                            self.stripped)
         url = self.base_url + ex.target.path_and_query
         started = time.perf_counter()
+        ex.forwarded = True
         try:
             async with asyncio.timeout(self.cfg.upstream.timeout_s):
                 upstream = await self.session.request(

@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 
 from proxy.config import OpaConfig, PolicyConfig
+from proxy.forward import read_capped
 from proxy.metrics import Metrics
 from proxy.policy_regorus import RegorusEngine, parse_decision
 from proxy.ports import PolicyEngine, PolicyOutcome, PolicyResult, PolicyUnavailable
@@ -94,7 +95,7 @@ class OpaEngine:
                                         allow_redirects=False) as resp:
                     if resp.status != 200:
                         raise self._unavailable(OpaError.BAD_STATUS, f"HTTP {resp.status}")
-                    body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                    body = await read_capped(resp.content, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
             raise self._unavailable(OpaError.TIMEOUT,
                                     f"no answer within {self.cfg.timeout_s * 1000:.0f} ms"

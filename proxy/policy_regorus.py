@@ -85,7 +85,8 @@ def parse_decision(value: Any) -> PolicyResult:
 
 # builtins whose result is not a function of the input and the policy alone
 _IMPURE = re.compile(rb"\b(time\.now_ns|rand\.intn|uuid\.rfc4122|http\.send|opa\.runtime|"
-                     rb"net\.lookup_ip_addr|crypto\.x509\.parse_and_verify_certificates)\s*\(")
+                     rb"net\.lookup_ip_addr|io\.jwt\.decode_verify|"
+                     rb"crypto\.x509\.parse_and_verify_certificates\w*)\s*\(")
 
 
 def is_pure(files: tuple[Any, ...]) -> bool:

@@ -48,7 +48,7 @@ async def run_opa() -> AsyncIterator[FakeOpa]:
         if not f.name.endswith("_test.rego"):
             holder["engine"].add_policy_from_file(str(f))
 
-    async def data(request: web.Request) -> web.Response:
+    async def data(request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if peer:
             state.peers.add((peer[0], peer[1]))
@@ -68,6 +68,14 @@ async def run_opa() -> AsyncIterator[FakeOpa]:
             return web.json_response({})
         if b == "bad_shape":
             return web.json_response({"result": {"allow": "yes"}})
+        if b == "split":  # a valid answer in two chunks, 50 ms apart
+            out = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await out.prepare(request)
+            await out.write(b'{"result": {"allow": true, ')
+            await asyncio.sleep(0.05)
+            await out.write(b'"violations": []}}')
+            await out.write_eof()
+            return out
         engine = holder["engine"]
         engine.set_input_json(json.dumps(doc["input"]))
         query = "data." + request.match_info["path"].replace("/", ".")
@@ -162,6 +170,15 @@ async def test_opa_receives_the_policy_input(make_proxy: Any) -> None:
                           "auth": "api_key"},
             "request": {"method": "POST", "path": "/sms", "route": "/sms"},
         }]
+
+
+async def test_opa_answer_in_several_chunks_is_read_whole(make_proxy: Any) -> None:
+    async with run_opa() as opa, make_proxy(opa_patch(opa.url)) as p:
+        opa.behaviour = "split"
+        status, _, _ = await p.call("POST", "/appointments", rid="split-1",
+                                    json={"patient_id": "p1", "slot": "s"})
+        assert status == 201
+        assert 'casf_opa_error_total{kind="bad_response"} 0.0' in await p.metrics()
 
 
 async def test_opa_connection_is_reused(make_proxy: Any) -> None:

@@ -431,7 +431,8 @@ async def test_rate_limit_exact_under_concurrency(make_proxy: Any) -> None:
 
 
 @pytest.mark.parametrize(("fixture", "code"), [("bad_result", "Policy_BadResult"),
-                                               ("eval_error", "Policy_EvalError")])
+                                               ("eval_error", "Policy_EvalError"),
+                                               ("deny_silent", "Policy_Denied")])
 async def test_broken_policy_denies(make_proxy: Any, fixture: str, code: str) -> None:
     def patch(d: dict[str, Any]) -> None:
         d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / fixture)
@@ -598,6 +599,37 @@ async def test_admin_endpoints_and_contract_metrics(proxy: Proxy) -> None:
         assert any(n == name or n.startswith(name + "_") for n in names), name
     assert 'casf_fail_closed_total{trigger="redis"} 0.0' in text
     assert 'casf_requests_total{decision="ALLOW",tool="cliniccloud.list_appointments"} 1.0' in text
+
+
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_counters_move_with_what_happened(proxy: Proxy) -> None:
+    appt = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
+    before = await proxy.metrics()
+    await proxy.call("POST", "/appointments", json=appt, rid="m-1")
+    await proxy.call("POST", "/appointments", json=appt, rid="m-1")  # replayed
+    await proxy.call("POST", "/appointments", json={**appt, "slot": "x"}, rid="m-1")  # mismatch
+    sms = {"patient_id": "p1", "message": "m"}
+    await proxy.call("POST", "/sms", key="nurse", json=sms, rid="m-2")
+    await proxy.call("POST", "/sms", key="nurse", json=sms, rid="m-3")  # rate limited
+    outcomes = 'casf_audit_events_total{kind="outcome"}'
+    for _ in range(100):  # outcome records are committed after the response
+        after = await proxy.metrics()
+        if metric(after, outcomes) - metric(before, outcomes) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    for sample, delta in (("casf_replay_hit_total", 1), ("casf_replay_mismatch_total", 1),
+                          ("casf_rate_limited_total", 1),
+                          ("casf_upstream_duration_seconds_count", 2),
+                          ("casf_request_duration_seconds_count", 5),
+                          ('casf_audit_events_total{kind="replay"}', 1),
+                          ('casf_audit_events_total{kind="outcome"}', 2)):
+        assert metric(after, sample) - metric(before, sample) == delta, sample
 
 
 async def test_budget_warning_then_exceeded(make_proxy: Any) -> None:

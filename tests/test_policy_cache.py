@@ -46,6 +46,13 @@ def test_time_dependent_policy_is_never_cached(tmp_path: Path) -> None:
     assert len(e._cache) == 0
 
 
+def test_token_verification_with_the_clock_is_never_cached(tmp_path: Path) -> None:
+    source = PURE + """
+valid if io.jwt.decode_verify(input.token, {"secret": "s"})[0]
+"""
+    assert not engine(tmp_path, source).caching
+
+
 def test_cache_can_be_turned_off(tmp_path: Path) -> None:
     e = engine(tmp_path, PURE, size=0)
     assert not e.caching

@@ -216,7 +216,42 @@ async def test_mode_change_needs_redis(redis_proxy: Any, redis_server: RedisServ
         async with p.session.put(p.admin + "/admin/mode", json={"mode": "KILL_SWITCH"},
                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
             assert r.status == 503
+            body = await r.json()
+            assert body["reason_codes"] == ["FAIL_CLOSED", "Inv_ModeStoreUnavailable"]
         assert p.rt.mode.current().value == "ALLOW"
+        redis_server.start()
+
+
+async def test_shadow_mode_does_not_forward_past_a_dead_redis(
+        redis_proxy: Any, redis_server: RedisServer) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][1]["enforce"] = False  # POST /appointments in shadow mode
+
+    async with redis_proxy(patch) as p:
+        redis_server.stop()
+        status, _, raw = await p.call("POST", "/appointments", json=APPT, rid="sh-1")
+        assert status == 503
+        assert json.loads(raw)["reason_codes"] == ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"]
+        assert p.upstream.seen == []
+        redis_server.start()
+
+
+async def test_counters_without_a_claim_fail_closed_as_rate_limit_unavailable(
+        redis_proxy: Any, redis_server: RedisServer) -> None:
+    # a read route with a rate limit, overridden to fail closed: no claim is
+    # involved, so the failure is the limiter's
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][0]["fail_mode"] = "closed"  # GET /appointments
+        d["rate_limits"].append({"name": "reads", "tools": ["cliniccloud.list_appointments"],
+                                 "key": "{principal.id}", "limit": 100, "window_seconds": 60})
+
+    async with redis_proxy(patch) as p:
+        assert (await p.call("GET", "/appointments"))[0] == 200
+        redis_server.stop()
+        status, hdrs, raw = await p.call("GET", "/appointments")
+        assert status == 503 and hdrs["Retry-After"]
+        assert json.loads(raw)["reason_codes"] == ["FAIL_CLOSED", "Inv_RateLimitUnavailable"]
+        assert p.upstream.paths() == ["/appointments"]
         redis_server.start()
 
 

@@ -252,6 +252,9 @@ class SqliteAuditSink:
             rows: list[tuple[Any, ...]] = []
             receipts: list[AuditReceipt | None] = []
             for record, fut in batch:
+                if fut.done():  # the waiter gave up (timed out): its request was refused
+                    receipts.append(None)
+                    continue
                 for f in FIELDS:  # stored as NULL and read back as null: hash it so
                     record.setdefault(f, None)
                 try:

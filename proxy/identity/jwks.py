@@ -34,6 +34,7 @@ from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey, import_key
 from joserfc.jws import JWSRegistry
 
 from proxy.config import JwtConfig
+from proxy.forward import read_capped
 from proxy.metrics import Metrics
 from proxy.tasks import spawn
 
@@ -219,7 +220,7 @@ class KeySetCache:
                                          headers={"Accept": "application/json"}) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP status {resp.status}")
-                body = await resp.content.read(MAX_JWKS_BYTES + 1)
+                body = await read_capped(resp.content, MAX_JWKS_BYTES)
         if len(body) > MAX_JWKS_BYTES:
             raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
         return body

@@ -71,9 +71,11 @@ class AdmissionStage:
         except StoreUnavailable:
             code = Reason.REPLAY_UNAVAILABLE if claim else Reason.RATE_LIMIT_UNAVAILABLE
             if route.fail_mode == "closed":
+                # fail_mode, not enforce, decides dependency failures: shadow
+                # mode never forwards a fail-closed route past a dead Redis
                 return Verdict("DENY", 503, (Reason.FAIL_CLOSED, code),
                                "replay protection or rate limiting is unavailable",
-                               fail_closed_trigger="redis")
+                               shadowable=False, fail_closed_trigger="redis")
             ex.degraded.append(code)
             return invariant
         # 5. replay answers

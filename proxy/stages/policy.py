@@ -28,7 +28,7 @@ class PolicyStage:
             if route.fail_mode == "closed":
                 return Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.OPA_UNAVAILABLE),
                                "the policy engine is unavailable; request refused",
-                               fail_closed_trigger="opa")
+                               shadowable=False, fail_closed_trigger="opa")
             ex.degraded.append(Reason.OPA_UNAVAILABLE)
             return None
         if result.outcome is PolicyOutcome.ALLOW:

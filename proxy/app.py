@@ -41,11 +41,13 @@ from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
+from proxy.envelope import envelope_response
 from proxy.forward import new_session
 from proxy.httpserver import TrafficServer
 from proxy.identity import Identity
 from proxy.metrics import Metrics, exposition
-from proxy.pipeline import Pipeline
+from proxy.model import Verdict
+from proxy.pipeline import Pipeline, trace_context
 from proxy.policy_opa import OpaEngine, open_policy_engine
 from proxy.ports import (
     AdmissionStore,
@@ -64,9 +66,11 @@ from proxy.stages.attributes import AttributeBuilder
 from proxy.stages.authenticate import AuthenticateStage
 from proxy.stages.policy import PolicyStage
 from proxy.stages.ratelimit import RateRules
+from proxy.stages.replay import MAX_ID_LENGTH, parse_request_id
 from proxy.tasks import spawn
 
 log = logging.getLogger("casf")
+_SET_MODE = "casf.admin.set_mode"  # the tool name of admin mode changes in the audit chain
 
 T = TypeVar("T")
 
@@ -567,6 +571,17 @@ class Runtime:
         denied = self._authorised(request)
         if denied is not None:
             return denied
+        # validated like the traffic listener's request ids (proxy.stages.replay): the
+        # value goes into the audit chain; absent, one is generated
+        ids = request.headers.getall("X-Request-Id", [])
+        request_id = (self.pipeline.event_ids.next() if not ids else
+                      parse_request_id(ids[0]) if len(ids) == 1 else None)
+        if request_id is None:
+            verdict = Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,),
+                              f"X-Request-Id must be sent once, 1-{MAX_ID_LENGTH} printable "
+                              "characters", shadowable=False)
+            return envelope_response(verdict, _SET_MODE, "", trace_context(request.headers)[0],
+                                     self.pipeline.policy_hash)
         try:
             body = orjson.loads(await request.read())
             new = Mode(body["mode"])
@@ -577,7 +592,7 @@ class Runtime:
         old = self.mode.current()
         # audited before it takes effect: an unaudited mode change must not happen
         try:
-            await self.audit.append(self._mode_record(request, old, new, "ALLOW", 200, ()))
+            await self.audit.append(self._mode_record(request_id, old, new, "ALLOW", 200, ()))
         except AuditUnavailable:
             return web.json_response({"error": "audit store unavailable; mode unchanged"},
                                      status=503)
@@ -586,19 +601,19 @@ class Runtime:
         except StoreUnavailable:
             reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
             with contextlib.suppress(AuditUnavailable):
-                await self.audit.append(self._mode_record(request, old, new, "DENY", 503,
+                await self.audit.append(self._mode_record(request_id, old, new, "DENY", 503,
                                                           reasons))
             return web.json_response({"error": "shared state unavailable; mode unchanged",
                                       "reason_codes": list(reasons)}, status=503)
         log.warning("mode changed %s -> %s", old.value, new.value)
         return web.json_response({"mode": new.value, "previous": old.value})
 
-    def _mode_record(self, request: web.Request, old: Mode, new: Mode, decision: str,
+    def _mode_record(self, request_id: str, old: Mode, new: Mode, decision: str,
                      status: int, reasons: tuple[str, ...]) -> dict[str, Any]:
         return {
             "event_id": self.pipeline.event_ids.next(), "ts": now_iso(), "kind": "decision",
-            "request_id": request.headers.get("X-Request-Id"), "trace_id": None,
-            "actor": "admin", "role": "admin", "tenant": None, "tool": "casf.admin.set_mode",
+            "request_id": request_id, "trace_id": None,
+            "actor": "admin", "role": "admin", "tenant": None, "tool": _SET_MODE,
             "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": decision,
             "status": status, "reason_codes": list(reasons),
             "policy_hash": self.pipeline.policy_hash, "body_sha256": None,

@@ -52,6 +52,7 @@ async def _serve_forever(cfg: Config, env: Environment, worker: WorkerSpec | Non
     reloads the config.
     """
     from proxy.app import Runtime, graceful_stop, serve
+    from proxy.logs import redact_url
     from proxy.tasks import spawn
 
     log = logging.getLogger("casf")
@@ -68,9 +69,9 @@ async def _serve_forever(cfg: Config, env: Environment, worker: WorkerSpec | Non
         serving = await serve(rt)
         log.warning(
             "casf-proxy listening: traffic %s:%d → %s, admin %s:%d, mode %s, policy %s, "
-            "config %s", rt.cfg.traffic.host, serving.traffic_port, cfg.upstream.url,
-            rt.cfg.admin.host, serving.admin_port, rt.mode.current().value,
-            rt.pipeline.policy_hash, cfg.digest[:12])
+            "config %s", rt.cfg.traffic.host, serving.traffic_port,
+            redact_url(cfg.upstream.url), rt.cfg.admin.host, serving.admin_port,
+            rt.mode.current().value, rt.pipeline.policy_hash, cfg.digest[:12])
 
         async def reloads() -> None:
             while True:

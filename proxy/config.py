@@ -20,7 +20,8 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
-from proxy.routing import OverlapError, RouteTable, Template, TemplateError
+from proxy.logs import redact_url
+from proxy.routing import OverlapError, RouteTable, Template, TemplateError, passthrough_covers
 from proxy.settings import Environment
 
 
@@ -159,6 +160,8 @@ class IdentityConfig:
     jwt: JwtConfig | None = None
     trusted_headers: TrustedHeadersConfig | None = None
     order: tuple[str, ...] = ("api_keys",)
+    # every header a configured authenticator reads, normalised (see credential_header_key)
+    credential_headers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +493,8 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
                              "pool_size", "forward_credentials"})
     url = r.string(up, "url", "upstream")
     if not re.match(r"^https?://[^/]+", url):
-        r.fail("upstream.url", f"{url!r} is not an http(s) URL", "e.g. http://127.0.0.1:3000")
+        r.fail("upstream.url", f"{redact_url(url)!r} is not an http(s) URL",
+               "e.g. http://127.0.0.1:3000")
     upstream = UpstreamConfig(
         url=url.rstrip("/"),
         connect_timeout_s=r.number(up, "connect_timeout_ms", "upstream", 1000, 1) / 1000,
@@ -599,7 +603,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     r.known(defaults, "defaults", {"enforce"})
     enforce_default = r.boolean(defaults, "enforce", "defaults", True)
 
-    routes = tuple(_route(r, i, raw, enforce_default)
+    routes = tuple(_route(r, i, raw, enforce_default, identity.credential_headers)
                    for i, raw in enumerate(r.seq(top, "routes", "")))
     if not routes:
         r.fail("routes", "no routes are configured", "map at least one method + path to a tool")
@@ -621,6 +625,13 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         text = str(pfx)
         if not text.startswith("/"):
             r.fail(f"unmatched.passthrough[{i}]", f"{text!r} must start with '/'")
+        for rt in routes:
+            if passthrough_covers(text, Template.parse(rt.path)):
+                r.fail(f"unmatched.passthrough[{i}]",
+                       f"{text!r} covers routes[{rt.index}] ({rt.method} {rt.path}): every "
+                       "other method on that path would be forwarded unauthenticated",
+                       "remove the entry, or narrow it so that no route's path falls under it "
+                       "(serve public files from a prefix of their own, e.g. /static/)")
         passthrough.append(text)
 
     sd = r.mapping(top.get("shutdown"), "shutdown")
@@ -685,7 +696,18 @@ def _budget(r: _Reader, i: int, raw: Any) -> BudgetRule:
                       limits=limits, tenants=MappingProxyType(tenants), warn_at=warn_at)
 
 
-def _route(r: _Reader, i: int, raw: Any, enforce_default: bool) -> RouteConfig:
+def credential_header_key(name: str) -> str:
+    """A header name as CGI/WSGI upstreams read it: case-folded, ``_`` as ``-``."""
+    return name.lower().replace("_", "-")
+
+
+# request headers that carry credentials whatever the identity section says
+_CREDENTIAL_HEADERS = frozenset(credential_header_key(h) for h in (
+    "Authorization", "Proxy-Authorization", "Cookie", "X-API-Key"))
+
+
+def _route(r: _Reader, i: int, raw: Any, enforce_default: bool,
+           credentials: frozenset[str] = frozenset()) -> RouteConfig:
     p = f"routes[{i}]"
     m = r.mapping(raw, p)
     r.known(m, p, _ROUTE_KEYS)
@@ -722,6 +744,12 @@ def _route(r: _Reader, i: int, raw: Any, enforce_default: bool) -> RouteConfig:
             name = r.string(sm, "name", ap)
         if source == "path" and name not in params:
             r.fail(f"{ap}.name", f"path parameter {{{name}}} is not in {path!r}")
+        if source == "header" and credential_header_key(name) in (
+                _CREDENTIAL_HEADERS | credentials):
+            r.fail(f"{ap}.name", f"header {name!r} carries a credential: its value would be "
+                   "in the policy input and in the audit record's attrs",
+                   "read who the caller is with {from: principal, name: id|role|tenant}; "
+                   "a credential is never an attribute, redacted or not")
         if source == "principal" and name not in _PRINCIPAL_FIELDS:
             r.fail(f"{ap}.name", f"{name!r} is not a principal field", "id, role or tenant")
         attrs.append(AttributeSpec(str(target), source, name))  # type: ignore[arg-type]
@@ -789,10 +817,17 @@ def _identity(r: _Reader, m: Mapping[str, Any], base: Path, env: Environment) ->
     if not order:
         r.fail("identity", "no authenticator is configured",
                "configure identity.api_keys, identity.jwt or identity.trusted_headers")
+    # every configured method's headers, enabled by identity.order or not
+    credentials = [*([api_keys.header] if api_keys is not None else ()),
+                   *([jwt.header] if jwt is not None else ()),
+                   *((trusted.actor_header, trusted.role_header, trusted.tenant_header)
+                     if trusted is not None else ())]
     return IdentityConfig(api_keys=api_keys if "api_keys" in order else None,
                           jwt=jwt if "jwt" in order else None,
                           trusted_headers=trusted if "trusted_headers" in order else None,
-                          order=order)
+                          order=order,
+                          credential_headers=frozenset(credential_header_key(h)
+                                                       for h in credentials))
 
 
 def _header_name(r: _Reader, m: Mapping[str, Any], key: str, path: str, default: str) -> str:
@@ -889,9 +924,10 @@ def _jwt(r: _Reader, m: Mapping[str, Any], base: Path, env: Environment) -> JwtC
                    "point it at a JSON Web Key Set ({\"keys\": [...]})")
     jwks_url = r.opt_string(m, "jwks_url", p)
     if jwks_url is not None:
+        _no_userinfo(r, jwks_url, f"{p}.jwks_url")
         m_url = re.match(r"^(https?)://(\[[^\]]+\]|[^/:]+)(:\d+)?(/|$)", jwks_url)
         if m_url is None:
-            r.fail(f"{p}.jwks_url", f"{jwks_url!r} is not an http(s) URL",
+            r.fail(f"{p}.jwks_url", f"{redact_url(jwks_url)!r} is not an http(s) URL",
                    "e.g. https://idp.example.com/.well-known/jwks.json")
         host = m_url.group(2).strip("[]")
         loopback = host == "localhost" or host.startswith("127.") or host == "::1"
@@ -1111,8 +1147,9 @@ def _opa(r: _Reader, m: Mapping[str, Any], query: str) -> OpaConfig:
     p = "policy.opa"
     r.known(m, p, {"url", "path", "timeout_ms", "pool_size"})
     url = r.string(m, "url", p)
+    _no_userinfo(r, url, f"{p}.url")
     if not re.match(r"^https?://[^/]+/?$", url):
-        r.fail(f"{p}.url", f"{url!r} is not an OPA server URL",
+        r.fail(f"{p}.url", f"{redact_url(url)!r} is not an OPA server URL",
                "scheme, host and port only, e.g. http://127.0.0.1:8181")
     path = r.string(m, "path", p, query.removeprefix("data.").replace(".", "/")).strip("/")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", path):
@@ -1120,3 +1157,12 @@ def _opa(r: _Reader, m: Mapping[str, Any], query: str) -> OpaConfig:
     return OpaConfig(url=url.rstrip("/"), path=path,
                      timeout_s=r.number(m, "timeout_ms", p, 350, 1) / 1000,
                      pool_size=r.integer(m, "pool_size", p, 32, 1))
+
+
+def _no_userinfo(r: _Reader, url: str, path: str) -> None:
+    """Refuse ``user:password@`` in a dependency URL: URLs are written to log lines."""
+    if redact_url(url) != url:
+        r.fail(path, "contains credentials (user:password@ before the host), which would "
+               "be written to the logs", "remove them from the URL; casf-proxy sends this "
+               "server no credentials, so if it needs some, have them added as a header "
+               "from a secret (e.g. by a mesh sidecar or an mTLS proxy)")

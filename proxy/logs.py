@@ -26,6 +26,22 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _RESERVED = ("ts", "level", "logger", "msg")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo (``user:password@``) before its host replaced by ``***``.
+
+    For every URL that can reach a log line or an error message: a password
+    (or a token used as the user name) never does.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    _, at, host = rest[:end].rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}://***@{host}{rest[end:]}"
+
+
 def level_from(name: str) -> int:
     """A ``CASF_LOG_LEVEL`` value as a logging level (unknown names: info)."""
     return _LEVELS.get(name.strip().lower(), logging.INFO)

@@ -11,6 +11,10 @@ from proxy.config import Mode, RouteConfig
 from proxy.pathnorm import Target
 from proxy.ports import Claim, StoredOutcome
 
+# ``Principal.auth`` of the caller recorded when authentication failed on a
+# shadow-mode route (``proxy.pipeline``): nobody was authenticated
+ANONYMOUS_AUTH = "none"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

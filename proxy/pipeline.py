@@ -33,11 +33,12 @@ from proxy.config import Config
 from proxy.envelope import envelope_response
 from proxy.forward import downstream_headers, replay_headers, upstream_request_headers
 from proxy.metrics import Metrics
-from proxy.model import Exchange, Principal, Verdict
+from proxy.model import ANONYMOUS_AUTH, Exchange, Principal, Verdict
 from proxy.pathnorm import MalformedTarget, Target, split_target
 from proxy.ports import AdmissionStore, AuditSink, AuditUnavailable, ModeStore, StoredOutcome
 from proxy.reasons import Reason
 from proxy.requestcheck import header_verdict, override_param_verdict
+from proxy.routing import PASSTHROUGH_METHODS
 from proxy.stages import Stage
 from proxy.stages.replay import client_request_id
 from proxy.tasks import spawn
@@ -46,7 +47,7 @@ log = logging.getLogger("casf.access")
 errlog = logging.getLogger("casf.pipeline")
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ANONYMOUS = Principal("anonymous", "", None, "none", "")
+_ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 
 
 # what a request ends with: the response, and the decision, status and reason
@@ -145,7 +146,7 @@ class Pipeline:
         # 2. route
         match = self.cfg.table.match(ex.method, ex.target.path)
         if match is None:
-            if self._passthrough(ex.target.path):
+            if ex.method in PASSTHROUGH_METHODS and self._passthrough(ex.target.path):
                 return await self._allow(request, ex, ())
             verdict = Verdict("DENY", 403, (Reason.ROUTE_NOT_MAPPED,),
                               "no route maps this request to a tool", shadowable=False)

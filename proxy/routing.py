@@ -19,6 +19,11 @@ T = TypeVar("T")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
+# unmatched.passthrough forwards only these methods (docs/configuration.md#unmatched):
+# a passthrough request is not authenticated, so nothing that can change state
+PASSTHROUGH_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 class TemplateError(ValueError):
     """A path template is not well formed."""
 
@@ -188,3 +193,31 @@ def _find_overlap(
         if found is not None:
             return found
     return None
+
+
+def passthrough_covers(entry: str, template: Template) -> bool:
+    """Whether the passthrough ``entry`` matches a path that ``template`` also matches.
+
+    An entry ending in ``/`` matches itself and every path under it; any other
+    entry matches exactly itself (``Pipeline._passthrough``). The config loader
+    refuses a covering entry: passthrough applies when no route matched, so
+    every other method on a routed path would be forwarded unauthenticated.
+    """
+    parts, trailing = template.parts, template.trailing_slash
+    if not entry.endswith("/"):
+        segments = entry[1:].split("/") if entry != "/" else []
+        return (not trailing and len(parts) == len(segments)
+                and all(_part_matches(part, seg) for part, seg in zip(parts, segments,
+                                                                       strict=True)))
+    prefix = entry[1:-1].split("/") if entry != "/" else []
+    if len(parts) < len(prefix) or not all(
+            _part_matches(part, seg) for part, seg in zip(parts, prefix, strict=False)):
+        return False
+    if len(parts) > len(prefix):
+        return True  # every path of the template lies under the entry
+    return trailing or not prefix  # the path equals the entry ("/a/" or "/")
+
+
+def _part_matches(part: tuple[bool, str], segment: str) -> bool:
+    is_param, text = part
+    return bool(segment) if is_param else text == segment

@@ -52,22 +52,27 @@ def require_binary(name: str) -> str:
 class RedisServer:
     """A redis-server on 127.0.0.1 with no persistence, owned by one test."""
 
-    def __init__(self, directory: Path, *, cluster: bool = False, port: int | None = None) -> None:
+    def __init__(self, directory: Path, *, cluster: bool = False, port: int | None = None,
+                 password: str | None = None) -> None:
         self.binary = require_binary("redis-server")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
+        self.password = password  # requirepass: clients must AUTH
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
                 "--logfile", str(self.dir / "redis.log"), "--protected-mode", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file",
                      str(self.dir / "nodes.conf"), "--cluster-node-timeout", "2000"]
@@ -76,6 +81,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if self.password:
+                        s.sendall(f"AUTH {self.password}\r\n".encode())
+                        if not s.recv(16).startswith(b"+OK"):
+                            raise OSError("AUTH refused")
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return

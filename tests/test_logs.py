@@ -4,24 +4,41 @@ Every line the process writes is one JSON object; there is one access line per
 request with the trace id, tool, decision, reason codes, status and latency;
 no body value, API key, bearer token or admin token sent in the test appears
 anywhere; ``CASF_LOG_LEVEL`` is honoured; W3C ``traceparent`` is continued
-(same trace id, new parent span id) or started.
+(same trace id, new parent span id) or started. Passwords in ``REDIS_URL``,
+``PG_DSN`` and ``upstream.url`` never reach a startup or error line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
+import pytest
 from yarl import URL
 
-from tests.conftest import ADMIN_TOKEN, CLINIC, KEYS, ROOT, clinic_env, run_upstream, write_config
-from tests.servers import ProxyProcess
+from proxy.audit.postgres import migrate
+from tests.conftest import (
+    ADMIN_TOKEN,
+    CLINIC,
+    EXTERNAL_PG_DSN,
+    KEYS,
+    ROOT,
+    clinic_env,
+    run_upstream,
+    write_config,
+)
+from tests.servers import ExternalPostgres, PostgresServer, ProxyProcess, RedisServer, free_port
 
 BODY_SECRET = "SECRET-BODY-VALUE-4711"
 PATIENT_SECRET = "p-SECRET-PATIENT-0815"
@@ -160,3 +177,100 @@ def test_a_config_error_at_startup_is_a_json_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     line = json.loads(out.stderr.strip().splitlines()[-1])
     assert line["level"] == "error" and "bogus: unknown key" in line["msg"]
+
+
+# ------------------------------------------------------------ passwords in URLs
+
+URL_PASSWORD = "pw-URL-SECRET-93e1"
+
+
+def with_password(url: str, password: str, database: str | None = None) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username or 'casf'}:{password}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc,
+                                     path=f"/{database}" if database else parts.path))
+
+
+@pytest.fixture
+def pg_with_password() -> Iterator[tuple[str, str]]:
+    """(DSN of a fresh, migrated database with a password in it, that password)."""
+    server: PostgresServer | ExternalPostgres
+    if EXTERNAL_PG_DSN:
+        password = urlsplit(EXTERNAL_PG_DSN).password
+        if not password:
+            pytest.skip("PG_DSN has no password to look for in the log")
+        server = ExternalPostgres(EXTERNAL_PG_DSN)
+    else:
+        server, password = PostgresServer(), URL_PASSWORD
+        server.start()
+    name = "casf_log_" + uuid.uuid4().hex[:12]
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        dsn = with_password(server.dsn, password, name)  # a trust server ignores it
+        asyncio.run(migrate(dsn))
+        yield dsn, password
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        server.destroy()
+
+
+def assert_absent(secret: str, text: str) -> None:
+    assert text.strip(), "no log lines"
+    assert secret not in text, f"a URL password leaked into the log: {text[-1500:]}"
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_url_passwords_never_reach_the_log(tmp_path: Path,
+                                                 pg_with_password: tuple[str, str]) -> None:
+    dsn, pg_password = pg_with_password
+    redis = RedisServer(tmp_path / "redis", password=URL_PASSWORD)
+    redis.start()
+    try:
+        async with run_upstream() as up:
+            upstream = with_password(up.url, URL_PASSWORD)
+            path = write_config(tmp_path, lambda d: None)
+            env = dict(clinic_env(upstream, tmp_path, REDIS_URL=redis.url, PG_DSN=dsn).variables)
+            proc = ProxyProcess(path, env, tmp_path / "proxy.log")
+            proc.start()
+            try:
+                async with aiohttp.ClientSession() as s, s.get(
+                        proc.url + "/appointments", headers={"X-API-Key": KEYS["nurse"]}) as r:
+                    assert r.status == 200  # Redis, PostgreSQL and the upstream all in use
+                assert up.seen[-1].headers["Authorization"].startswith("Basic ")
+            finally:
+                assert proc.stop() == 0
+    finally:
+        redis.stop()
+    text = (tmp_path / "proxy.log").read_text()
+    for secret in (URL_PASSWORD, pg_password):
+        assert_absent(secret, text)
+    assert "shared state on Redis; audit on PostgreSQL (PG_DSN)" in text
+    assert f"→ http://***@127.0.0.1:{urlsplit(up.url).port}" in text
+
+    # the same passwords in URLs of servers that cannot be reached: the error lines
+    closed = free_port()
+    env = dict(clinic_env("http://127.0.0.1:9", tmp_path,
+                          REDIS_URL=f"redis://:{URL_PASSWORD}@127.0.0.1:{closed}/0").variables)
+    proc = ProxyProcess(path, env, tmp_path / "unreachable.log")
+    proc.start()  # embedded audit; writes fail closed until Redis answers
+    proc.stop()
+    text = (tmp_path / "unreachable.log").read_text()
+    assert "Redis is unreachable at startup" in text
+    assert_absent(URL_PASSWORD, text)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "-c", str(path)], cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env, "REDIS_URL": "",
+             "PG_DSN": f"postgresql://casf:{URL_PASSWORD}@127.0.0.1:{closed}/casf"})
+    assert out.returncode == 2
+    assert "cannot connect to the PostgreSQL audit store" in out.stderr
+    assert_absent(URL_PASSWORD, out.stdout + out.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,31 @@ async def test_admin_api_requires_token(proxy: Proxy) -> None:
     assert proxy.rt.mode.current().value == "ALLOW"
 
 
+async def test_admin_mode_change_validates_its_request_id(proxy: Proxy, tmp_path: Path) -> None:
+    auth = {"Authorization": "Bearer test-admin-token"}
+
+    async def put(mode: str, headers: Any) -> tuple[int, bytes]:
+        async with proxy.session.put(proxy.admin + "/admin/mode", json={"mode": mode},
+                                     headers=headers) as r:
+            return r.status, await r.read()
+
+    for bad in ({**auth, "X-Request-Id": "x" * 256}, {**auth, "X-Request-Id": "a\tb"},
+                [*auth.items(), ("X-Request-Id", "one"), ("X-Request-Id", "two")]):
+        status, raw = await put("READ_ONLY", bad)
+        assert status == 400
+        env = assert_envelope(raw, 400, "BadRequest_InvalidRequestId")
+        assert env["tool"] == "casf.admin.set_mode" and env["request_id"] is None
+    assert proxy.rt.mode.current().value == "ALLOW"
+    assert (await put("READ_ONLY", {**auth, "X-Request-Id": "change-42"}))[0] == 200
+    assert (await put("ALLOW", auth))[0] == 200
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    ids = [row[0] for row in conn.execute(
+        "SELECT request_id FROM audit_events WHERE tool = 'casf.admin.set_mode' ORDER BY seq")]
+    conn.close()
+    assert len(ids) == 2 and ids[0] == "change-42"
+    assert ids[1] and ids[1] != "change-42"  # absent: generated
+
+
 async def test_admin_api_disabled_without_token(make_proxy: Any) -> None:
     async with make_proxy(CASF_ADMIN_TOKEN="") as p:
         async with p.session.put(p.admin + "/admin/mode", json={"mode": "READ_ONLY"}) as r:
@@ -473,6 +499,49 @@ async def test_passthrough_prefix(make_proxy: Any) -> None:
         assert (await p.call("GET", "/public/logo.png", key=None))[0] == 200
         assert (await p.call("GET", "/publicx", key=None))[0] == 403
         assert p.upstream.paths() == ["/public/logo.png"]
+
+
+async def test_passthrough_forwards_only_safe_methods(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["unmatched"]["passthrough"] = ["/public/"]
+
+    async with make_proxy(patch) as p:
+        for method in ("GET", "HEAD", "OPTIONS"):
+            assert (await p.call(method, "/public/logo.png", key=None))[0] == 200, method
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            status, _, raw = await p.call(method, "/public/logo.png", key=None,
+                                          json={"x": 1}, rid="pt")
+            assert status == 403, method
+            assert_envelope(raw, 403, "Route_NotMapped")
+        assert [s.method for s in p.upstream.seen] == ["GET", "HEAD", "OPTIONS"]
+
+
+async def test_shadow_mode_anonymous_callers_never_share_replay_keys(make_proxy: Any) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][5]["enforce"] = False  # POST /invoices
+
+    async with make_proxy(patch) as p:
+        invoice = {"patient_id": "p1", "amount_cents": 1}
+        # two unauthenticated callers, one key, one payload: no stored outcome is shared
+        s1, _, b1 = await p.call("POST", "/invoices", key=None, json=invoice, rid="anon")
+        s2, h2, b2 = await p.call("POST", "/invoices", key=None, json=invoice, rid="anon")
+        assert (s1, s2) == (201, 201)
+        assert "Idempotent-Replayed" not in h2 and b1 != b2
+        # nor can one block another's key while its request is in flight
+        p.upstream.delay_s = 0.4
+        first = asyncio.ensure_future(p.call("POST", "/invoices", key=None, json=invoice,
+                                             rid="anon-2"))
+        await asyncio.sleep(0.1)
+        status, _, _ = await p.call("POST", "/invoices", key=None,
+                                    json={**invoice, "amount_cents": 2}, rid="anon-2")
+        assert status == 201 and (await first)[0] == 201
+        p.upstream.delay_s = 0
+        assert len(p.upstream.seen) == 4
+        # an authenticated caller on the same shadow route keeps its anti-replay
+        s5, _, _ = await p.call("POST", "/invoices", key="billing", json=invoice, rid="anon")
+        s6, h6, _ = await p.call("POST", "/invoices", key="billing", json=invoice, rid="anon")
+        assert (s5, s6) == (201, 201) and h6["Idempotent-Replayed"] == "true"
+        assert len(p.upstream.seen) == 5
 
 
 # ------------------------------------------------------------ forwarding

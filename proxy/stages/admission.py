@@ -24,7 +24,7 @@ import math
 from proxy.canonical import canonical_body, fingerprint
 from proxy.config import ReplayConfig
 from proxy.metrics import Metrics
-from proxy.model import Exchange, Verdict
+from proxy.model import ANONYMOUS_AUTH, Exchange, Verdict
 from proxy.ports import AdmissionStore, Claim, ClaimState, StoreUnavailable
 from proxy.reasons import Reason
 from proxy.stages.invariants import invariant_verdict
@@ -52,10 +52,13 @@ class AdmissionStage:
             return rid
         scope = state_scope(ex.principal.tenant, ex.principal.id)
         claim: Claim | None = None
-        if route.effect == "write":
-            if rid is None:
-                return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
-                               "write requests need an Idempotency-Key or X-Request-Id")
+        if route.effect == "write" and rid is None:
+            return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
+                           "write requests need an Idempotency-Key or X-Request-Id")
+        # an unauthenticated request on a shadow-mode route (the pipeline's anonymous
+        # principal) takes no claim: all such callers would share one key space, so one
+        # could be replayed another's stored response, or blocked by its key (docs/state.md)
+        if route.effect == "write" and rid is not None and ex.principal.auth != ANONYMOUS_AUTH:
             claim = Claim(scope, scoped_key(ex.principal.id, rid),
                           fingerprint(route.tool, ex.method, ex.target.path_and_query,
                                       canonical_body(ex.body, ex.headers.get("Content-Type"))),

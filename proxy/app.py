@@ -325,7 +325,8 @@ class Runtime:
                 log.warning("shared state on Redis%s; audit on %s (chain %r)",
                             " Cluster" if rc.cluster else "", audit_where, audit.chain_id)
             else:
-                state = MemoryAdmissionStore()
+                state = MemoryAdmissionStore(max_bytes=cfg.replay.memory_max_bytes,
+                                             on_evict=metrics.replay_evicted.inc)
                 mode = MemoryModeStore(cfg.mode_default)
                 backends = {"state": "memory", "audit": audit_kind, "policy": cfg.policy.engine}
                 log.warning("running embedded: in-memory replay/rate-limit/mode state (not "

@@ -170,6 +170,7 @@ class ReplayConfig:
     ttl_s: float = 86_400.0
     max_stored_body_bytes: int = 65_536
     lease_s: float | None = None  # None: upstream timeout + 5 s
+    memory_max_bytes: int = 16 << 20  # embedded store only (docs/state.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +523,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     rp = r.mapping(top.get("replay"), "replay")
     r.known(rp, "replay", {"request_id_headers", "ttl_seconds", "max_stored_body_bytes",
-                           "lease_seconds"})
+                           "lease_seconds", "memory_max_mb"})
     headers = tuple(str(h) for h in r.seq(rp, "request_id_headers", "replay")) or (
         "Idempotency-Key", "X-Request-Id")
     lease = rp.get("lease_seconds")
@@ -531,6 +532,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         ttl_s=r.number(rp, "ttl_seconds", "replay", 86_400, 1),
         max_stored_body_bytes=r.integer(rp, "max_stored_body_bytes", "replay", 65_536, 0),
         lease_s=None if lease is None else r.number(rp, "lease_seconds", "replay", 15, 1),
+        memory_max_bytes=int(r.number(rp, "memory_max_mb", "replay", 16, 1) * (1 << 20)),
     )
 
     rules: list[RateLimitRule] = []

@@ -37,6 +37,9 @@ class Metrics:
         self.replay_hit = Counter("casf_replay_hit_total", "Replayed outcomes", registry=r)
         self.replay_mismatch = Counter("casf_replay_mismatch_total",
                                        "Request ids reused with another payload", registry=r)
+        self.replay_evicted = Counter("casf_replay_evicted_total",
+                                      "Stored outcomes dropped by the embedded store's "
+                                      "memory budget before their TTL", registry=r)
         self.rate_limited = Counter("casf_rate_limited_total", "Rate-limited requests",
                                     registry=r)
         self.budget_warning = Counter("casf_budget_warning_total",

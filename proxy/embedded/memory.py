@@ -18,11 +18,24 @@ from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome
 Clock = Callable[[], float]
 
 
+# what one entry costs beyond its stored body and headers (the key and
+# fingerprint strings, the entry, the outcome, the dict slot), rounded up:
+# tracemalloc measured ~630 bytes per entry with a 120-byte body and one
+# header, which this estimate counts as ~830
+ENTRY_OVERHEAD = 600
+
+
 @dataclass(slots=True)
 class _Entry:
     fingerprint: str
     expires: float
     outcome: StoredOutcome | None = None
+    size: int = ENTRY_OVERHEAD
+
+
+def _outcome_size(outcome: StoredOutcome) -> int:
+    return (ENTRY_OVERHEAD + len(outcome.body)
+            + sum(len(k) + len(v) + 64 for k, v in outcome.headers))
 
 
 def gcra(tat: float | None, now: float, check: RateCheck) -> tuple[bool, float]:
@@ -42,20 +55,51 @@ def gcra(tat: float | None, now: float, check: RateCheck) -> tuple[bool, float]:
 
 
 class MemoryAdmissionStore:
-    def __init__(self, clock: Clock = time.monotonic, max_entries: int = 1_000_000) -> None:
+    """Claims and stored outcomes in one ordered dict, within a memory budget.
+
+    Entries are kept in claim/completion order. Expired ones are dropped from
+    the front; so is the oldest entry while the store is over ``max_bytes``
+    (``replay.memory_max_mb``), so a long-running embedded proxy keeps a
+    bounded window of outcomes rather than every write of the last TTL.
+    ``on_evict`` is called for each finished outcome dropped before it expired.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic, max_bytes: int = 16 << 20,
+                 on_evict: Callable[[], None] | None = None) -> None:
         self._claims: OrderedDict[str, _Entry] = OrderedDict()
         self._tat: dict[str, float] = {}
         self._used: dict[str, tuple[int, float]] = {}  # quota counter: (used, expires)
         self._clock = clock
-        self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._on_evict = on_evict
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+    def _drop(self, key: str) -> None:
+        self._bytes -= self._claims.pop(key).size
 
     def _sweep(self, now: float) -> None:
-        # claims are kept in claim/completion order; drop expired ones from the front
+        moves = len(self._claims)  # in-flight claims passed over, at most once each
         while self._claims:
             key, entry = next(iter(self._claims.items()))
-            if entry.expires > now and len(self._claims) <= self._max:
-                break
-            del self._claims[key]
+            if entry.expires > now:
+                if self._bytes <= self._max_bytes:
+                    break
+                if entry.outcome is None:  # in flight: never dropped before its lease ends
+                    if moves == 0:
+                        break
+                    moves -= 1
+                    self._claims.move_to_end(key)
+                    continue
+                if self._on_evict is not None:
+                    self._on_evict()
+            self._drop(key)
         if len(self._tat) > 100_000:
             self._tat = {k: v for k, v in self._tat.items() if v > now}
         if len(self._used) > 100_000:
@@ -68,7 +112,7 @@ class MemoryAdmissionStore:
         if claim is not None:
             entry = self._claims.get(claim.key)
             if entry is not None and entry.expires <= now:
-                del self._claims[claim.key]
+                self._drop(claim.key)
                 entry = None
             if entry is not None:
                 if entry.fingerprint != claim.fingerprint:
@@ -108,20 +152,26 @@ class MemoryAdmissionStore:
         if claim is None:
             return Admission(None, warnings=tuple(warnings))
         self._claims[claim.key] = _Entry(claim.fingerprint, now + claim.lease_s)
+        self._bytes += ENTRY_OVERHEAD
         return Admission(ClaimState.NEW, claimed=True, warnings=tuple(warnings))
 
     async def complete(self, claim: Claim, outcome: StoredOutcome, ttl_s: float) -> None:
         entry = self._claims.get(claim.key)
         if entry is None or entry.fingerprint != claim.fingerprint:
             return
+        now = self._clock()
         entry.outcome = outcome
-        entry.expires = self._clock() + ttl_s
+        entry.expires = now + ttl_s
+        size = _outcome_size(outcome)
+        self._bytes += size - entry.size
+        entry.size = size
         self._claims.move_to_end(claim.key)
+        self._sweep(now)
 
     async def release(self, claim: Claim) -> None:
         entry = self._claims.get(claim.key)
         if entry is not None and entry.fingerprint == claim.fingerprint and entry.outcome is None:
-            del self._claims[claim.key]
+            self._drop(claim.key)
 
 
 class MemoryModeStore:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -276,15 +276,17 @@ class RedisModeStore:
 
     ``current`` never blocks: it returns the last mode seen. A background task
     follows changes by pub/sub (standalone Redis) and re-reads the key every
-    ``mode_refresh_ms``; while Redis is unreachable the last mode is kept.
+    ``mode_refresh_ms``; while Redis is unreachable (at start too) the last
+    mode is kept and the task retries, backing off up to ``RETRY_MAX_S``.
     """
+
+    RETRY_MAX_S = 1.0  # the longest wait between two attempts while Redis is down
 
     def __init__(self, conn: RedisConnection, default: Mode) -> None:
         self.conn = conn
         self.key = f"{conn.settings.key_prefix}:{{mode}}:current"
         self.channel = f"{conn.settings.key_prefix}:{{mode}}:changes"
         self._mode = default
-        self._default = default
         self._task: asyncio.Task[None] | None = None
 
     def current(self) -> Mode:
@@ -310,14 +312,24 @@ class RedisModeStore:
             self._mode = mode
 
     async def refresh(self) -> None:
+        """Re-read the shared mode; an empty key is seeded with the last mode seen.
+
+        A Redis restart without persistence empties the key: seeding it with the
+        config default would silently lift a KILL_SWITCH or READ_ONLY set by an
+        operator, so the first replica back puts the mode it last saw instead
+        (the default only for a replica that never saw another).
+        """
         client = self.conn.client
-        await self.conn.call(client.set(self.key, self._default.value, nx=True))
+        await self.conn.call(client.set(self.key, self._mode.value, nx=True))
         self._apply(await self.conn.call(client.get(self.key)))
 
     async def start(self) -> None:
-        with contextlib.suppress(StoreUnavailable):
+        missed = False
+        try:
             await self.refresh()
-        self._task = spawn(self._follow(), name="casf-mode-follow")
+        except StoreUnavailable:
+            missed = True  # Redis down at start: the follower re-reads once it is back
+        self._task = spawn(self._follow(missed), name="casf-mode-follow")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -325,33 +337,76 @@ class RedisModeStore:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, 2.0)
 
-    async def _follow(self) -> None:
+    async def _follow(self, missed: bool) -> None:
+        """Follow mode changes until cancelled, surviving any error from Redis or redis-py.
+
+        Standalone Redis: wait up to ``mode_refresh_s`` for a pub/sub message,
+        else re-read the key; cluster: re-read it every ``mode_refresh_s``.
+        Any failure (Redis down, a pub/sub connection lost or never made,
+        whatever redis-py raises) keeps the last mode, is logged once per
+        outage and is retried after a delay doubling from ``mode_refresh_s``
+        up to ``RETRY_MAX_S``. A failed subscription is dropped and made afresh
+        once Redis answers, then the key is re-read (``missed``: a change may
+        have been published while nothing listened).
+        """
         interval = self.conn.settings.mode_refresh_s
-        async with self._subscription() as messages:
+        subscribe = not self.conn.settings.cluster
+        pubsub: Any = None
+        delay = first_delay = max(min(interval, self.RETRY_MAX_S), 0.01)
+        outage = False
+        try:
             while True:
                 try:
-                    if messages is not None:
-                        msg = await messages.get_message(ignore_subscribe_messages=True,
-                                                         timeout=interval)
+                    if subscribe and pubsub is None:
+                        pubsub = await self._subscribe()
+                        if missed:
+                            await self.refresh()
+                    missed = False
+                    if pubsub is None:
+                        await asyncio.sleep(interval)
+                        await self.refresh()
+                    else:
+                        try:
+                            msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                           timeout=interval)
+                        except Exception:
+                            await self._unsubscribe(pubsub)  # made afresh on the next turn
+                            pubsub = None
+                            raise
                         if msg is not None and msg.get("type") == "message":
                             self._apply(msg.get("data"))
-                            continue
-                    else:
-                        await asyncio.sleep(interval)
-                    await self.refresh()
-                except (StoreUnavailable, RedisError, OSError, TimeoutError):
-                    await asyncio.sleep(interval)  # keep the last mode; try again
+                        else:
+                            await self.refresh()
+                except Exception as exc:  # CancelledError is a BaseException: it stops us
+                    missed = True
+                    if not outage:
+                        outage = True
+                        log.warning("mode follower: Redis unavailable (%s: %s); keeping mode "
+                                    "%s, retrying", type(exc).__name__, exc, self._mode.value)
+                    await asyncio.sleep(delay)  # keep the last mode; try again
+                    delay = min(delay * 2, self.RETRY_MAX_S)
+                else:
+                    if outage:
+                        outage = False
+                        log.info("mode follower: Redis reachable again (mode %s)",
+                                 self._mode.value)
+                    delay = first_delay
+        finally:
+            if pubsub is not None:
+                await self._unsubscribe(pubsub)
 
-    @contextlib.asynccontextmanager
-    async def _subscription(self) -> AsyncIterator[Any]:
-        if self.conn.settings.cluster:
-            yield None  # cluster: periodic refresh only
-            return
+    async def _subscribe(self) -> Any:
+        """A pub/sub connection subscribed to the mode channel, else the error."""
         pubsub = self.conn.client.pubsub()
         try:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await asyncio.wait_for(pubsub.subscribe(self.channel), 1.0)
-            yield pubsub
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
+            async with asyncio.timeout(max(1.0, self.conn.settings.timeout_s)):
+                await pubsub.subscribe(self.channel)
+        except BaseException:
+            await self._unsubscribe(pubsub)  # gives its connection back to the pool
+            raise
+        return pubsub
+
+    @staticmethod
+    async def _unsubscribe(pubsub: Any) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pubsub.aclose(), 1.0)

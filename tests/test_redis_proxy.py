@@ -4,8 +4,10 @@ fail-closed on a real Redis outage, recovery without restart, round trips."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.config import Mode
+from proxy.redisstate import RedisConnection, RedisModeStore, RedisSettings, _text
 from tests.conftest import ADMIN_TOKEN, Proxy, clinic_env, write_config
 from tests.servers import ProxyProcess, RedisClusterServers, RedisServer
 
@@ -222,6 +226,103 @@ async def test_mode_change_needs_redis(redis_proxy: Any, redis_server: RedisServ
         redis_server.start()
 
 
+async def wait_for_mode(read: Callable[[], Awaitable[str]], want: str, within: float) -> float:
+    """Poll ``read`` until it answers ``want``; the seconds that took (fails after ``within``)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while (got := await read()) != want:
+        assert loop.time() - t0 < within, f"mode still {got}, not {want}, after {within} s"
+        await asyncio.sleep(0.02)
+    return loop.time() - t0
+
+
+async def test_replica_started_while_redis_is_down_follows_the_mode_once_it_is_back(
+        tmp_path: Path, make_proxy: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # the mode follower of a replica started without Redis meets redis-py's
+    # RuntimeError (pub/sub never subscribed) and connection errors: it must
+    # survive them, warn once, take up a KILL_SWITCH set once Redis is back,
+    # and the replica must still shut down cleanly (exit 0)
+    redis_server = RedisServer(tmp_path / "redis")  # its port, not started yet
+    caplog.set_level(logging.WARNING, logger="casf.redis")
+    unavailable = "mode follower: Redis unavailable"
+    a: ProxyProcess | None = None
+    try:
+        async with make_proxy(REDIS_URL=redis_server.url) as b:
+            env = dict(clinic_env(b.upstream.url, tmp_path, REDIS_URL=redis_server.url,
+                                  CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
+            a = ProxyProcess(b.cfg.source, env, tmp_path / "a.log")
+            a.start()
+            await asyncio.sleep(1.0)  # an outage of several follower turns
+            assert b.rt.mode.current() is Mode.ALLOW
+            redis_server.start()
+            conn = RedisConnection(RedisSettings(redis_server.url))
+            try:  # another replica's store switches the mode
+                await RedisModeStore(conn, Mode.ALLOW).set(Mode.KILL_SWITCH)
+            finally:
+                await conn.close()
+
+            async def in_process() -> str:
+                return b.rt.mode.current().value
+
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            async with aiohttp.ClientSession(headers=auth) as s:
+                async def subprocess_mode() -> str:
+                    async with s.get(a.admin + "/admin/mode") as r:
+                        assert r.status == 200
+                        return str((await r.json())["mode"])
+
+                took_b, took_a = await asyncio.gather(
+                    wait_for_mode(in_process, "KILL_SWITCH", 3.0),
+                    wait_for_mode(subprocess_mode, "KILL_SWITCH", 3.0))
+            print(f"KILL_SWITCH taken up {took_b:.3f} s (in-process replica), "
+                  f"{took_a:.3f} s (subprocess replica) after it was set")
+            status, _, raw = await b.call("GET", "/appointments")
+            assert status == 403 and b"Mode_KillSwitch" in raw
+            # still running (a task that died would no longer be listed)
+            (follower,) = [t for t in asyncio.all_tasks() if t.get_name() == "casf-mode-follow"]
+            assert [r.getMessage().startswith(unavailable)
+                    for r in caplog.records].count(True) == 1  # once per outage, not per turn
+            assert a.log.read_text().count(unavailable) == 1
+            code = a.stop()
+        assert code == 0, a.log.read_text()[-2000:]
+        assert follower.cancelled()  # stopped by the shutdown, not dead of an error
+    finally:
+        if a is not None:
+            a.kill()
+        redis_server.stop()
+
+
+async def test_mode_follower_resubscribes_after_a_redis_restart(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    # the key is re-read only every 30 s: within this test, a change can only
+    # arrive by pub/sub, so the follower must subscribe again after the restart
+    caplog.set_level(logging.WARNING, logger="casf.redis")
+    settings = RedisSettings(redis_server.url, mode_refresh_s=30.0)
+    conn, other = RedisConnection(settings), RedisConnection(settings)
+    replica, admin = RedisModeStore(conn, Mode.ALLOW), RedisModeStore(other, Mode.ALLOW)
+
+    async def current() -> str:
+        return replica.current().value
+
+    await replica.start()
+    try:
+        await admin.set(Mode.READ_ONLY)
+        await wait_for_mode(current, "READ_ONLY", 2.0)
+        redis_server.stop()  # the follower's pub/sub connection is lost
+        await asyncio.sleep(1.5)
+        assert replica.current() is Mode.READ_ONLY  # the last mode seen is kept
+        redis_server.start()  # same port, empty data
+        await admin.set(Mode.KILL_SWITCH)
+        took = await wait_for_mode(current, "KILL_SWITCH", 3.0)
+        print(f"KILL_SWITCH taken up {took:.3f} s after it was set")
+        assert [r.getMessage().startswith("mode follower: Redis unavailable")
+                for r in caplog.records].count(True) == 1
+    finally:
+        await replica.close()  # raises if the follower died of an error
+        await conn.close()
+        await other.close()
+
+
 async def test_shadow_mode_does_not_forward_past_a_dead_redis(
         redis_proxy: Any, redis_server: RedisServer) -> None:
     def patch(d: dict[str, Any]) -> None:
@@ -288,3 +389,41 @@ async def test_proxy_on_a_three_master_cluster(tmp_path: Path, make_proxy: Any) 
             assert p.upstream.paths() == ["/appointments", "/sms"]
     finally:
         cluster.stop()
+
+
+async def test_mode_survives_a_redis_restart_that_lost_it(redis_server: RedisServer) -> None:
+    """Redis comes back empty: the replica that saw KILL_SWITCH puts it back, so a
+    replica started afterwards (config default ALLOW) enforces KILL_SWITCH too."""
+    settings = RedisSettings(redis_server.url, mode_refresh_s=0.1)
+    conn, late_conn = RedisConnection(settings), RedisConnection(settings)
+    replica = RedisModeStore(conn, Mode.ALLOW)
+
+    async def current() -> str:
+        return replica.current().value
+
+    await replica.start()
+    late: RedisModeStore | None = None
+    try:
+        await replica.set(Mode.KILL_SWITCH)
+        redis_server.stop()
+        await asyncio.sleep(0.5)
+        redis_server.start()  # same port, no data: the mode key is gone
+        deadline = asyncio.get_running_loop().time() + 5
+        raw = None
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(Exception):
+                raw = await conn.client.get(replica.key)
+            if raw is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert raw is not None and _text(raw) == "KILL_SWITCH"
+        assert (await current()) == "KILL_SWITCH"
+        late = RedisModeStore(late_conn, Mode.ALLOW)
+        await late.start()
+        assert late.current() is Mode.KILL_SWITCH
+    finally:
+        if late is not None:
+            await late.close()
+        await replica.close()
+        await conn.close()
+        await late_conn.close()

@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import random
 import re
-import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,12 +42,24 @@ from proxy.requestcheck import header_verdict, override_param_verdict
 from proxy.routing import PASSTHROUGH_METHODS
 from proxy.stages import Stage
 from proxy.stages.replay import client_request_id
-from proxy.tasks import spawn
 
 log = logging.getLogger("casf.access")
 errlog = logging.getLogger("casf.pipeline")
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# trace and span ids need to be unique, not secret (they are echoed to the caller
+# and sent upstream): a PRNG seeded from os.urandom, reseeded in a forked child,
+# instead of a getrandom() system call per id
+_IDS = random.Random()  # noqa: S311
+os.register_at_fork(after_in_child=_IDS.seed)
+
+
+def _span_id() -> str:
+    return f"{_IDS.getrandbits(64) or 1:016x}"  # all zeros is invalid (W3C)
+
+
+def _trace_id() -> str:
+    return f"{_IDS.getrandbits(128) or 1:032x}"
 _ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 
 
@@ -65,9 +78,9 @@ def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
     tp = headers.get("traceparent", "").strip().lower()
     m = _TRACEPARENT.match(tp)
     if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
-        return m.group(1), f"00-{m.group(1)}-{secrets.token_hex(8)}-{m.group(3)}"
-    trace_id = secrets.token_hex(16)
-    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        return m.group(1), f"00-{m.group(1)}-{_span_id()}-{m.group(3)}"
+    trace_id = _trace_id()
+    return trace_id, f"00-{trace_id}-{_span_id()}-01"
 
 
 class Pipeline:
@@ -87,7 +100,7 @@ class Pipeline:
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
         self.event_ids = EventIds()
-        self._pending: set[asyncio.Task[None]] = set()  # outcome records being committed
+        self._pending: set[asyncio.Future[Any]] = set()  # outcome records being committed
 
     async def flush(self) -> None:
         """Wait until every outcome record handed to the audit sink is committed."""
@@ -193,6 +206,13 @@ class Pipeline:
         if not request.body_exists:
             ex.body_sha256 = hashlib.sha256(b"").hexdigest()
             return None
+        content = request.content
+        if content.is_eof():  # the whole body arrived with the headers: no read to time
+            ex.body = content.read_nowait()
+            if len(ex.body) > limits.max_body_bytes:
+                return too_large
+            ex.body_sha256 = hashlib.sha256(ex.body).hexdigest()
+            return override_param_verdict("", request.headers.get("Content-Type"), ex.body)
         chunks: list[bytes] = []
         total = 0
         try:
@@ -217,11 +237,16 @@ class Pipeline:
 
     # ------------------------------------------------------------ outcomes
 
-    async def _record(self, ex: Exchange, kind: str, decision: str, status: int,
-                      reasons: tuple[str, ...], **extra: Any) -> None:
+    def _build(self, ex: Exchange, kind: str, decision: str, status: int,
+               reasons: tuple[str, ...], extra: dict[str, Any]) -> dict[str, Any]:
         record = base_record(ex, kind, decision, status, reasons, self.policy_hash,
                              self.cfg.audit.redact, self.event_ids.next())
         record.update(extra)
+        return record
+
+    async def _record(self, ex: Exchange, kind: str, decision: str, status: int,
+                      reasons: tuple[str, ...], **extra: Any) -> None:
+        record = self._build(ex, kind, decision, status, reasons, extra)
         try:
             await self.audit.append(record)
         except AuditUnavailable:
@@ -383,19 +408,28 @@ class Pipeline:
         # the forward: the outcome record is committed in the background, so
         # the connection's next request does not wait for a second commit
         # (flush() waits for these at shutdown)
-        task = spawn(self._record_outcome(ex, upstream.status, latency, digest.hexdigest(), size),
-                     name="casf-outcome-record")
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        record = self._build(ex, "outcome", "ALLOW", upstream.status, (), {
+            "latency_ms": latency, "response_sha256": digest.hexdigest(),
+            "response_bytes": size})
+        try:
+            pending = self.audit.append_later(record)
+        except AuditUnavailable:
+            self._outcome_failed(ex.trace_id)
+        else:
+            self._pending.add(pending)
+            pending.add_done_callback(lambda f: self._outcome_done(f, ex.trace_id))
         return out
 
-    async def _record_outcome(self, ex: Exchange, status: int, latency: float, digest: str,
-                              size: int) -> None:
-        try:
-            await self._record(ex, "outcome", "ALLOW", status, (), latency_ms=latency,
-                               response_sha256=digest, response_bytes=size)
-        except AuditUnavailable:
-            errlog.error("outcome not audited (trace %s)", ex.trace_id)
+    def _outcome_done(self, fut: asyncio.Future[Any], trace_id: str) -> None:
+        self._pending.discard(fut)
+        if fut.cancelled() or fut.exception() is not None:
+            self._outcome_failed(trace_id)
+        else:
+            self.metrics.audit_events.labels("outcome").inc()
+
+    def _outcome_failed(self, trace_id: str) -> None:
+        self.metrics.audit_errors.inc()
+        errlog.error("outcome not audited (trace %s)", trace_id)
 
 
 def _peer(request: web.BaseRequest) -> str:

@@ -10,6 +10,7 @@ an internal error and denies.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -196,5 +197,10 @@ class AuditSink(Protocol):
     """
 
     async def append(self, record: dict[str, Any]) -> AuditReceipt: ...
+
+    def append_later(self, record: dict[str, Any]) -> asyncio.Future[AuditReceipt]:
+        """Queue a record nobody waits for (an outcome); the future settles with its
+        commit or its failure. Raises :class:`AuditUnavailable` when the sink is down."""
+        ...
 
     async def healthy(self) -> bool: ...

@@ -212,3 +212,23 @@ async def test_sqlite_window_digest_and_migrate(proxy: Proxy, tmp_path: Path) ->
     conn.close()
     refused = run_cli("audit", "digest", "-c", cfg, audit_path=db)
     assert refused.returncode == 1 and "no digest written" in refused.stderr
+
+
+async def test_sink_close_does_not_hang_when_the_writer_has_stopped(tmp_path: Path) -> None:
+    """A writer that stopped with records still queued must not hold shutdown forever."""
+    import asyncio
+    import time
+
+    from proxy.audit.sqlite import SqliteAuditSink
+
+    sink = SqliteAuditSink(tmp_path / "a.db", "c", timeout_s=0.5)
+    await sink.start()
+    pending = sink.append_later({"kind": "outcome", "status": 200, "attrs": {},
+                                 "reason_codes": []})
+    assert sink._writer is not None
+    sink._writer.cancel()  # stops before taking the queued record
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.wait_for(sink.close(), 5)
+    assert time.monotonic() - started < 2
+    assert not pending.done() or pending.exception() is not None

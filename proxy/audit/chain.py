@@ -29,7 +29,8 @@ def seal(record: dict[str, Any], chain_id: str, seq: int, prev_hash: str) -> dic
     record["seq"] = seq
     record["prev_hash"] = prev_hash
     record.pop("hash", None)
-    record["hash"] = record_hash(record)
+    # the record has no "hash" field now: hash it as it is (record_hash would copy it)
+    record["hash"] = hashlib.sha256(prev_hash.encode() + canonical_json(record)).hexdigest()
     return record
 
 

@@ -53,7 +53,7 @@ import orjson
 
 from proxy.audit.chain import GENESIS, seal
 from proxy.audit.records import FIELDS
-from proxy.audit.waiting import submit
+from proxy.audit.waiting import QueuedSink
 from proxy.canonical import canonical_json
 from proxy.ports import AuditReceipt, AuditUnavailable
 from proxy.tasks import spawn
@@ -158,7 +158,7 @@ class _Writer:
     lost: bool = False
 
 
-class PostgresAuditSink:
+class PostgresAuditSink(QueuedSink):
     """This instance's chain in ``audit_events``, appended by a single writer task.
 
     ``chain_id`` ``None`` picks the chain automatically: ``{host}-{n}`` with
@@ -337,11 +337,6 @@ class PostgresAuditSink:
 
     # ---------------------------------------------------------- the port
 
-    async def append(self, record: dict[str, Any]) -> AuditReceipt:
-        if self._writer is None or self._writer.done():
-            raise AuditUnavailable("audit writer is not running")
-        return await submit(self._queue, record, self.timeout_s)
-
     async def healthy(self) -> bool:
         """Connected with the lease, last batch committed, no commit pending past the timeout."""
         if self._writer is None or self._writer.done() or not self._ok:
@@ -355,9 +350,7 @@ class PostgresAuditSink:
     async def close(self) -> None:
         """Flush queued records (bounded), stop the writer, release the lease."""
         if self._writer is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.timeout_s * 2):
-                    await self._queue.join()
+            await self._drain()
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer

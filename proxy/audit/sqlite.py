@@ -23,7 +23,7 @@ import orjson
 
 from proxy.audit.chain import GENESIS, seal
 from proxy.audit.records import FIELDS
-from proxy.audit.waiting import submit
+from proxy.audit.waiting import QueuedSink
 from proxy.ports import AuditReceipt, AuditUnavailable
 from proxy.tasks import spawn
 
@@ -164,7 +164,7 @@ class SqliteReader:
         return from_row(row) if row is not None else None
 
 
-class SqliteAuditSink:
+class SqliteAuditSink(QueuedSink):
     """One chain (``chain_id``) in a SQLite file, appended by a single writer task."""
 
     def __init__(self, path: Path, chain_id: str, *, batch_max: int = 256,
@@ -206,20 +206,15 @@ class SqliteAuditSink:
         self._writer = spawn(self._write_loop(), name="casf-audit-writer")
 
     async def close(self) -> None:
-        """Flush queued records, then stop the writer and close the file."""
+        """Flush queued records (bounded), then stop the writer and close the file."""
         if self._writer is not None:
-            await self._queue.join()
+            await self._drain()
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._conn is not None:
             await self._run(self._conn.close)
         self._executor.shutdown(wait=True)
-
-    async def append(self, record: dict[str, Any]) -> AuditReceipt:
-        if self._writer is None or self._writer.done():
-            raise AuditUnavailable("audit writer is not running")
-        return await submit(self._queue, record, self.timeout_s)
 
     async def healthy(self) -> bool:
         """False after a failed commit, or while one has been pending past the timeout."""

@@ -38,3 +38,51 @@ async def submit(queue: asyncio.Queue[Pending], record: dict[str, Any],
         return await fut
     finally:
         timer.cancel()
+
+
+def enqueue(queue: asyncio.Queue[Pending], record: dict[str, Any]
+            ) -> asyncio.Future[AuditReceipt]:
+    """Hand over a record nobody waits for; the future settles with its commit.
+
+    No timer: a record that no request is waiting on is never given up, so a
+    slow commit delays it but does not drop it (the sink's health reports the
+    slow commit).
+    """
+    fut: asyncio.Future[AuditReceipt] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(_consume)
+    queue.put_nowait((record, fut))
+    return fut
+
+
+class QueuedSink:
+    """The request side of both sinks: records go on ``_queue`` for the writer task."""
+
+    _queue: asyncio.Queue[Pending]
+    _writer: asyncio.Task[None] | None
+    timeout_s: float
+
+    def _check_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            raise AuditUnavailable("audit writer is not running")
+
+    async def append(self, record: dict[str, Any]) -> AuditReceipt:
+        """Wait for the record's commit (at most ``timeout_s``)."""
+        self._check_writer()
+        return await submit(self._queue, record, self.timeout_s)
+
+    async def _drain(self) -> None:
+        """Wait until the queued records are written: bounded by twice the commit
+        timeout, and at once if the writer has stopped (nobody would take them)."""
+        if self._writer is None or self._writer.done():
+            return
+        joined = asyncio.ensure_future(self._queue.join())
+        try:
+            await asyncio.wait({joined, self._writer}, timeout=self.timeout_s * 2,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+
+    def append_later(self, record: dict[str, Any]) -> asyncio.Future[AuditReceipt]:
+        """Queue the record and return at once; the future settles with its commit."""
+        self._check_writer()
+        return enqueue(self._queue, record)

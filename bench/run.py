@@ -2,7 +2,7 @@
 
     bash bench/run.sh            (installs wrk, then runs this with defaults)
     python bench/run.py [--duration 10] [--connections 32] [--rate 1000] [--targets ...]
-                        [--workers N]
+                        [--workers N] [--soak-requests N]
 
 Starts, in one run on this machine: the clinic backend (reached directly: the
 limit), a bare aiohttp pass-through proxy (bench/bare_proxy.py: the floor of
@@ -168,6 +168,113 @@ def audit_allows(target: str, tmp: Path, dsn: str | None) -> int:
         db.close()
 
 
+def start_target(per: ExitStack, target: str, backend: subprocess.Popen[bytes], upstream: str,
+                 tmp: Path, workers: int) -> tuple[str, dict[str, subprocess.Popen[bytes]],
+                                                   str | None]:
+    """Start one target (and what it needs); returns its URL, processes and PG DSN."""
+    procs = {"backend": backend}
+    dsn: str | None = None
+    if target == "direct":
+        return upstream, procs, None
+    if target == "bare":
+        port = free_port()
+        procs["proxy"] = per.enter_context(process(
+            [PY, "bench/bare_proxy.py", "--port", str(port), "--upstream", upstream], port))
+        return f"http://127.0.0.1:{port}", procs, None
+    if target not in ("embedded", "redis", "full"):
+        raise SystemExit(f"unknown target {target}")
+    port, admin = free_port(), free_port()
+    env = {"CLINIC_UPSTREAM": upstream, "CASF_PORT": str(port),
+           "CASF_ADMIN_PORT": str(admin), "CASF_LOG_LEVEL": "warning",
+           "CASF_SHUTDOWN_DELAY_MS": "0",
+           "CASF_AUDIT_PATH": str(tmp / f"{target}.db")}
+    if target in ("redis", "full"):
+        redis = RedisServer(tmp / f"redis-{target}")
+        redis.start()
+        per.callback(redis.stop)
+        env["REDIS_URL"] = redis.url
+        if redis.proc is not None:
+            procs["redis"] = redis.proc
+    if target == "full":
+        pg = PostgresServer(fsync=True)
+        pg.start()
+        per.callback(pg.destroy)
+        env["PG_DSN"] = dsn = pg.dsn
+        subprocess.run([PY, "-m", "proxy.cli", "audit", "migrate", "-c",
+                        "examples/clinic/casf.yaml"], cwd=ROOT, check=True,
+                       env={**os.environ, **env}, capture_output=True)
+    n = workers if target in ("redis", "full") else 1
+    procs["proxy"] = per.enter_context(process(
+        [PY, "-m", "proxy.cli", "run", "-c", "examples/clinic/casf.yaml",
+         "--workers", str(n)], port, env, tmp / f"{target}.log"))
+    return f"http://127.0.0.1:{port}", procs, dsn
+
+
+def settled_count(upstream: str, timeout: float = 60.0) -> int:
+    """The backend's request count once it has stopped moving (the proxy drained)."""
+    last = upstream_received(upstream)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = upstream_received(upstream)
+        if now == last:
+            break
+        last = now
+    time.sleep(0.5)  # the last outcome records commit after the response
+    return last
+
+
+def soak(url: str, route: str, connections: int, requests: int, upstream: str,
+         procs: dict[str, subprocess.Popen[bytes]], every: float = 5.0) -> dict[str, Any]:
+    """wrk until the backend has received ``requests``; RSS sampled every ``every`` s.
+
+    Reports the proxy's RSS at the end, its maximum, and its trend (least squares,
+    MB per minute) over the last five minutes and over the whole run.
+    """
+    import signal
+
+    args = ["wrk", "-t1", f"-c{connections}", "-d24h", "-H", f"X-API-Key: {API_KEY}"]
+    if route == "write":
+        args += ["-s", str(ROOT / "bench" / "write.lua")]
+    before = upstream_received(upstream)
+    started = time.monotonic()
+    load = subprocess.Popen([*args, url + "/appointments"], stdout=subprocess.PIPE, text=True)
+    samples: list[tuple[float, int, float]] = []  # (seconds, requests, RSS MB)
+    try:
+        while True:
+            time.sleep(every)
+            done = upstream_received(upstream) - before
+            samples.append((round(time.monotonic() - started, 1), done,
+                            round(rss_mb(procs["proxy"].pid), 1)))
+            print(f"soak {samples[-1][0]:7.0f} s  {done:9d} requests  RSS "
+                  f"{samples[-1][2]:6.1f} MB", flush=True)
+            if done >= requests or load.poll() is not None:
+                break
+    finally:
+        load.send_signal(signal.SIGINT)
+        out = load.communicate(timeout=30)[0]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (
+        sum(int(g) for g in sock.groups()) if sock else 0)
+
+    def slope(points: list[tuple[float, int, float]]) -> float:
+        if len(points) < 2:
+            return float("nan")
+        n = len(points)
+        mx = sum(p[0] for p in points) / n
+        my = sum(p[2] for p in points) / n
+        var = sum((p[0] - mx) ** 2 for p in points)
+        return round(sum((p[0] - mx) * (p[2] - my) for p in points) / var * 60, 3)
+
+    end = samples[-1][0]
+    return {"requests": samples[-1][1], "seconds": end, "errors": errors,
+            "rss_end_mb": samples[-1][2], "rss_max_mb": max(p[2] for p in samples),
+            "trend_last_5min_mb_per_min": slope([p for p in samples if p[0] >= end - 300]),
+            "trend_all_mb_per_min": slope(samples), "samples": samples}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -179,8 +286,14 @@ def main() -> int:
                     help="casf-proxy run --workers N for the redis and full targets")
     ap.add_argument("--rate-duration", type=float, default=10.0)
     ap.add_argument("--routes", default="read,write")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    ap.add_argument("--soak-requests", type=int, default=0,
+                    help="instead of the throughput and fixed-rate runs: load each target "
+                         "and route until the backend got this many requests, sampling RSS")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default bench/results/latest.json, or soak.json)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = ROOT / "bench" / "results" / ("soak.json" if a.soak_requests else "latest.json")
     if shutil.which("wrk") is None:
         print("wrk not found: bash scripts/system-deps.sh wrk", file=sys.stderr)
         return 2
@@ -189,6 +302,7 @@ def main() -> int:
     results: list[Result] = []
     dsns: dict[str, str] = {}
     audit_checks: dict[str, dict[str, int]] = {}
+    soaks: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="casf-bench-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         backend_port = free_port()
@@ -197,45 +311,16 @@ def main() -> int:
         upstream = f"http://127.0.0.1:{backend_port}"
         for target in targets:
             with ExitStack() as per:
-                procs = {"backend": backend}
-                if target == "direct":
-                    url = upstream
-                elif target == "bare":
-                    port = free_port()
-                    procs["proxy"] = per.enter_context(process(
-                        [PY, "bench/bare_proxy.py", "--port", str(port), "--upstream", upstream],
-                        port))
-                    url = f"http://127.0.0.1:{port}"
-                elif target in ("embedded", "redis", "full"):
-                    port, admin = free_port(), free_port()
-                    env = {"CLINIC_UPSTREAM": upstream, "CASF_PORT": str(port),
-                           "CASF_ADMIN_PORT": str(admin), "CASF_LOG_LEVEL": "warning",
-                           "CASF_SHUTDOWN_DELAY_MS": "0",
-                           "CASF_AUDIT_PATH": str(tmp / f"{target}.db")}
-                    if target in ("redis", "full"):
-                        redis = RedisServer(tmp / f"redis-{target}")
-                        redis.start()
-                        per.callback(redis.stop)
-                        env["REDIS_URL"] = redis.url
-                        if redis.proc is not None:
-                            procs["redis"] = redis.proc
-                    if target == "full":
-                        pg = PostgresServer(fsync=True)
-                        pg.start()
-                        per.callback(pg.destroy)
-                        env["PG_DSN"] = dsns[target] = pg.dsn
-                        subprocess.run([PY, "-m", "proxy.cli", "audit", "migrate", "-c",
-                                        "examples/clinic/casf.yaml"], cwd=ROOT, check=True,
-                                       env={**os.environ, **env}, capture_output=True)
-                    workers = a.workers if target in ("redis", "full") else 1
-                    procs["proxy"] = per.enter_context(process(
-                        [PY, "-m", "proxy.cli", "run", "-c", "examples/clinic/casf.yaml",
-                         "--workers", str(workers)], port, env, tmp / f"{target}.log"))
-                    url = f"http://127.0.0.1:{port}"
-                else:
-                    raise SystemExit(f"unknown target {target}")
+                url, procs, dsn = start_target(per, target, backend, upstream, tmp, a.workers)
+                if dsn is not None:
+                    dsns[target] = dsn
                 received_before = upstream_received(upstream)
                 for route in routes:
+                    if a.soak_requests:
+                        got_soak = soak(url, route, a.connections, a.soak_requests, upstream,
+                                        procs)
+                        soaks.append({"target": target, "route": route, **got_soak})
+                        continue
                     wrk(url, route, a.warmup, a.connections)
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
@@ -247,8 +332,7 @@ def main() -> int:
                           f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
                           f" errors {fr['errors']}", flush=True)
                 if target in ("embedded", "redis", "full"):
-                    time.sleep(1.0)  # let the last records commit
-                    forwarded = upstream_received(upstream) - received_before
+                    forwarded = settled_count(upstream) - received_before
                     audit_checks[target] = {"forwarded": forwarded, "allow_records":
                                             audit_allows(target, tmp, dsns.get(target))}
                     print(f"{target:9} audit: {audit_checks[target]}", flush=True)
@@ -263,6 +347,12 @@ def main() -> int:
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
               f"| {r.errors} | {fr.get('p50_ms')} | {fr.get('p90_ms')} | {fr.get('p99_ms')} "
               f"| {fr.get('p99_9_ms')} | {r.rss_mb.get('proxy', '-')} |")
+    for sk in soaks:
+        print(f"soak {sk['target']} {sk['route']}: {sk['requests']} requests in "
+              f"{sk['seconds']:.0f} s, errors {sk['errors']}, proxy RSS at the end "
+              f"{sk['rss_end_mb']} MB (max {sk['rss_max_mb']}), trend over the last 5 min "
+              f"{sk['trend_last_5min_mb_per_min']} MB/min (whole run "
+              f"{sk['trend_all_mb_per_min']} MB/min)")
     for target, check in audit_checks.items():
         verdict = "ok" if check["forwarded"] == check["allow_records"] else "MISMATCH"
         print(f"audit {target}: {check['allow_records']} ALLOW records for "
@@ -272,7 +362,8 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"duration_s": a.duration, "connections": a.connections,
                      "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration},
-        "results": [asdict(r) for r in results], "audit": audit_checks}, indent=2))
+        "results": [asdict(r) for r in results], "soak": soaks, "audit": audit_checks},
+        indent=2))
     print(f"\nwritten to {a.out}")
     return 0
 

@@ -129,7 +129,10 @@ def fixed_rate(url: str, route: str, rate: float, duration: float) -> dict[str, 
     if route == "write":
         args.append("--write")
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return dict(json.loads(out))
+    got = dict(json.loads(out))
+    # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
+    got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
+    return got
 
 
 def upstream_received(upstream: str) -> int:
@@ -141,19 +144,29 @@ def upstream_received(upstream: str) -> int:
     return sum(n for k, n in stats.items() if k.endswith(" /appointments"))
 
 
-def audit_allows(target: str, tmp: Path, dsn: str | None) -> int:
-    """ALLOW decision records committed by the proxy (must equal forwarded requests)."""
+# ALLOW decision records of requests that were then forwarded: an ALLOW committed
+# after its request's wait gave up is followed by that request's DENY 503
+# Audit_Unavailable (it was refused, not forwarded) and is not counted
+_FORWARDED_ALLOWS = (
+    "SELECT count(*) FROM audit_events a WHERE a.kind = 'decision' AND a.decision = 'ALLOW' "
+    "AND NOT EXISTS (SELECT 1 FROM audit_events d WHERE d.request_id = a.request_id "
+    "AND d.kind = 'decision' AND d.decision = 'DENY' AND d.status = 503)")
+_REFUSED = ("SELECT count(*) FROM audit_events WHERE kind = 'decision' AND decision = 'DENY' "
+            "AND status = 503")
+
+
+def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int]:
+    """(ALLOW decisions of forwarded requests, 503 refusals) from the proxy's audit."""
     if dsn is not None:
         import asyncio
 
         import asyncpg
 
-        async def count() -> int:
+        async def count() -> tuple[int, int]:
             conn = await asyncpg.connect(dsn)
             try:
-                return int(await conn.fetchval(
-                    "SELECT count(*) FROM audit_events WHERE kind = 'decision' "
-                    "AND decision = 'ALLOW'"))
+                return (int(await conn.fetchval(_FORWARDED_ALLOWS)),
+                        int(await conn.fetchval(_REFUSED)))
             finally:
                 await conn.close()
 
@@ -162,8 +175,8 @@ def audit_allows(target: str, tmp: Path, dsn: str | None) -> int:
 
     db = sqlite3.connect(tmp / f"{target}.db")
     try:
-        return int(db.execute("SELECT count(*) FROM audit_events WHERE kind = 'decision' "
-                              "AND decision = 'ALLOW'").fetchone()[0])
+        return (int(db.execute(_FORWARDED_ALLOWS).fetchone()[0]),
+                int(db.execute(_REFUSED).fetchone()[0]))
     finally:
         db.close()
 
@@ -333,8 +346,9 @@ def main() -> int:
                           f" errors {fr['errors']}", flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
-                    audit_checks[target] = {"forwarded": forwarded, "allow_records":
-                                            audit_allows(target, tmp, dsns.get(target))}
+                    allows, refused = audit_allows(target, tmp, dsns.get(target))
+                    audit_checks[target] = {"forwarded": forwarded, "allow_records": allows,
+                                            "refused_503": refused}
                     print(f"{target:9} audit: {audit_checks[target]}", flush=True)
     base = {(r.route, r.target): r.rps for r in results}
     print(f"\n| target | route | req/s | x direct | x bare | p50 ms | p99 ms | errors "
@@ -356,7 +370,8 @@ def main() -> int:
     for target, check in audit_checks.items():
         verdict = "ok" if check["forwarded"] == check["allow_records"] else "MISMATCH"
         print(f"audit {target}: {check['allow_records']} ALLOW records for "
-              f"{check['forwarded']} forwarded requests: {verdict}")
+              f"{check['forwarded']} forwarded requests: {verdict} "
+              f"({check['refused_503']} requests refused 503 by a fail-closed dependency)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -288,6 +288,12 @@ class Pipeline:
         self.metrics.fail_closed.labels("audit").inc()
         verdict = Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE),
                           "the audit store is unavailable; request refused", shadowable=False)
+        # the record this request waited for may still be committed after the wait
+        # gave up (it was already in a batch): the refusal is queued behind it, so
+        # the chain never shows an ALLOW for a request that was not forwarded
+        # without the DENY that ended it (written if and when the store recovers)
+        self._record_later(ex, self._build(ex, "decision", verdict.decision, verdict.status,
+                                           verdict.reasons, {}))
         return (envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
                                   self.policy_hash, (("Retry-After", "1"),)),
                 verdict.decision, verdict.status, verdict.reasons)
@@ -408,28 +414,32 @@ class Pipeline:
         # the forward: the outcome record is committed in the background, so
         # the connection's next request does not wait for a second commit
         # (flush() waits for these at shutdown)
-        record = self._build(ex, "outcome", "ALLOW", upstream.status, (), {
+        self._record_later(ex, self._build(ex, "outcome", "ALLOW", upstream.status, (), {
             "latency_ms": latency, "response_sha256": digest.hexdigest(),
-            "response_bytes": size})
+            "response_bytes": size}))
+        return out
+
+    def _record_later(self, ex: Exchange, record: dict[str, Any]) -> None:
+        """Queue a record nobody waits for; its commit or failure is counted and logged."""
+        kind = str(record["kind"])
         try:
             pending = self.audit.append_later(record)
         except AuditUnavailable:
-            self._outcome_failed(ex.trace_id)
-        else:
-            self._pending.add(pending)
-            pending.add_done_callback(lambda f: self._outcome_done(f, ex.trace_id))
-        return out
+            self._background_failed(kind, ex.trace_id)
+            return
+        self._pending.add(pending)
+        pending.add_done_callback(lambda f: self._background_done(f, kind, ex.trace_id))
 
-    def _outcome_done(self, fut: asyncio.Future[Any], trace_id: str) -> None:
+    def _background_done(self, fut: asyncio.Future[Any], kind: str, trace_id: str) -> None:
         self._pending.discard(fut)
         if fut.cancelled() or fut.exception() is not None:
-            self._outcome_failed(trace_id)
+            self._background_failed(kind, trace_id)
         else:
-            self.metrics.audit_events.labels("outcome").inc()
+            self.metrics.audit_events.labels(kind).inc()
 
-    def _outcome_failed(self, trace_id: str) -> None:
+    def _background_failed(self, kind: str, trace_id: str) -> None:
         self.metrics.audit_errors.inc()
-        errlog.error("outcome not audited (trace %s)", trace_id)
+        errlog.error("%s record not audited (trace %s)", kind, trace_id)
 
 
 def _peer(request: web.BaseRequest) -> str:

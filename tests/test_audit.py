@@ -232,3 +232,44 @@ async def test_sink_close_does_not_hang_when_the_writer_has_stopped(tmp_path: Pa
     await asyncio.wait_for(sink.close(), 5)
     assert time.monotonic() - started < 2
     assert not pending.done() or pending.exception() is not None
+
+
+async def test_a_refusal_follows_an_allow_committed_after_its_wait_gave_up(
+        make_proxy: Any, tmp_path: Path) -> None:
+    """Under overload a request's ALLOW record can be committed after its wait timed
+    out (it was already in a batch); the request was refused 503 and not forwarded.
+    The chain must then also hold the DENY that ended it, after the ALLOW."""
+    import asyncio
+
+    def patch(d: dict[str, Any]) -> None:
+        d["audit"]["timeout_ms"] = 1  # far below one commit: most waits give up
+
+    late_allows = 0
+    async with make_proxy(patch) as p:
+        for _ in range(5):
+            answers = await asyncio.gather(*(p.call("GET", "/appointments")
+                                             for _ in range(200)))
+            assert {status for status, _, _ in answers} <= {200, 503}
+            await p.rt.gen.pipeline.flush()
+            records = rows(tmp_path / "audit.db")
+            forwarded = {r["request_id"] for r in records
+                         if r["kind"] == "outcome" and r["reason_codes"] == "[]"}
+            refused_after = {}
+            for r in records:
+                if (r["kind"] == "decision" and r["decision"] == "DENY"
+                        and "Audit_Unavailable" in r["reason_codes"]):
+                    refused_after[r["request_id"]] = r["seq"]
+            for r in records:
+                if r["kind"] == "decision" and r["decision"] == "ALLOW":
+                    if r["request_id"] in forwarded:
+                        continue
+                    late_allows += 1
+                    # not forwarded: a DENY for the same request follows it in the chain
+                    assert refused_after.get(r["request_id"], -1) > r["seq"], r
+            assert len(forwarded) == len(p.upstream.seen)
+            if late_allows:
+                break
+    assert late_allows > 0, "the overload never committed a record after its wait gave up"
+    res = run_cli("audit", "verify", "-c", str(tmp_path / "casf.yaml"),
+                  audit_path=tmp_path / "audit.db")
+    assert res.returncode == 0, res.stdout

@@ -72,6 +72,7 @@ class UpstreamConfig:
 class LimitsConfig:
     max_body_bytes: int = 1_048_576
     body_read_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0  # first byte of a request to its last header line
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,10 +507,11 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     )
 
     lim = r.mapping(top.get("limits"), "limits")
-    r.known(lim, "limits", {"max_body_bytes", "body_read_timeout_ms"})
+    r.known(lim, "limits", {"max_body_bytes", "body_read_timeout_ms", "header_timeout_ms"})
     limits = LimitsConfig(
         max_body_bytes=r.integer(lim, "max_body_bytes", "limits", 1_048_576, 0),
         body_read_timeout_s=r.number(lim, "body_read_timeout_ms", "limits", 10_000, 1) / 1000,
+        header_timeout_s=r.number(lim, "header_timeout_ms", "limits", 10_000, 1) / 1000,
     )
 
     identity = _identity(r, r.mapping(top.get("identity"), "identity"), base, env)

@@ -14,6 +14,7 @@ the exception type only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -42,9 +43,44 @@ def parse_error_verdict(exc: BaseException | None) -> Verdict:
 
 class _Handler(RequestHandler):
     def __init__(self, manager: web.Server, *, policy_hash: Callable[[], str],
-                 **kwargs: Any) -> None:
+                 head_timeout: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.policy_hash = policy_hash
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    # A request head (request line and headers) must arrive within
+    # limits.header_timeout_ms of its first byte. aiohttp has no such timeout:
+    # a client sending header bytes slowly (slowloris) would hold the
+    # connection, and its slot, for as long as it likes.
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        idle = self._current_request is None and not self._messages
+        super().data_received(data)
+        if self._request_count != before:  # a head completed: the request is underway
+            self._disarm()
+        elif idle and data and self._head_timer is None and not self._force_close:
+            self._head_timer = self._loop.call_later(self._head_timeout(), self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.warning("request head from %s not complete within %.0f ms: connection closed",
+                    peer[0] if isinstance(peer, tuple) and peer else "unknown",
+                    self._head_timeout() * 1000)
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -66,11 +102,15 @@ class _Handler(RequestHandler):
 
 
 class TrafficServer(web.Server):
-    """``web.Server`` whose connections answer parse errors with the envelope."""
+    """``web.Server`` whose connections answer parse errors with the envelope and
+    close when a request head does not arrive in time."""
 
-    def __init__(self, handler: Any, *, policy_hash: Callable[[], str], **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, policy_hash: Callable[[], str],
+                 head_timeout: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._policy_hash = policy_hash
+        self._head_timeout = head_timeout
 
     def __call__(self) -> RequestHandler:
-        return _Handler(self, policy_hash=self._policy_hash, loop=self._loop, **self._kwargs)
+        return _Handler(self, policy_hash=self._policy_hash, head_timeout=self._head_timeout,
+                        loop=self._loop, **self._kwargs)

@@ -45,12 +45,14 @@ BILLING = ("X-API-Key", "demo-billing")
 JSON = ("Content-Type", "application/json")
 APPT = b'{"patient_id":"p1","slot":"2026-11-23T10:00:00Z"}'
 BODY_TIMEOUT_MS = 600
+HEADER_TIMEOUT_MS = 800
 
 
 def hardening_patch(d: dict[str, Any]) -> None:
     d["identity"]["order"] = ["jwt", "api_keys", "trusted_headers"]
     d["identity"]["trusted_headers"] = {"enabled": True, "sources": ["127.0.0.1/32"]}
     d["limits"]["body_read_timeout_ms"] = BODY_TIMEOUT_MS
+    d["limits"]["header_timeout_ms"] = HEADER_TIMEOUT_MS
     for route in d["routes"]:
         if route["method"] == "GET" and route["path"] == "/appointments":
             route["attributes"]["context.resource_tenant"] = {"from": "header",
@@ -494,6 +496,45 @@ async def test_header_attribute_cannot_be_doubled(env: Env) -> None:
     for resp in (doubled, underscored):
         assert resp.status == 400 and AMBIGUOUS in resp.reasons
     assert len(env.upstream.seen) == before + 1
+
+
+# ------------------------------------------------------------------ slow heads
+
+
+async def test_slowloris_head_is_cut_at_the_header_timeout(env: Env) -> None:
+    raw = get("/appointments")
+    pieces = [raw[i:i + 1] for i in range(len(raw))]  # one byte every 50 ms: ~5 s
+    before = len(env.upstream.seen)
+    started = time.monotonic()
+    got = await exchange(env.port, pieces, pause=0.05, timeout=10)
+    elapsed = time.monotonic() - started
+    assert got == []  # closed, nothing decided, nothing forwarded
+    assert HEADER_TIMEOUT_MS / 1000 - 0.1 < elapsed < HEADER_TIMEOUT_MS / 1000 + 1.5, elapsed
+    assert len(env.upstream.seen) == before
+
+
+async def test_head_that_never_ends_is_cut(env: Env) -> None:
+    started = time.monotonic()
+    got = await exchange(env.port, b"GET /appointments HTTP/1.1\r\nHost: x\r\n", timeout=10)
+    assert got == []
+    assert time.monotonic() - started < HEADER_TIMEOUT_MS / 1000 + 1.5
+
+
+async def test_head_sent_in_pieces_within_the_timeout_is_served(env: Env) -> None:
+    raw = get("/appointments")
+    third = len(raw) // 3
+    got = await exchange(env.port, [raw[:third], raw[third:2 * third], raw[2 * third:]],
+                         pause=0.15, timeout=5)
+    assert got and got[0].status == 200
+
+
+async def test_idle_keep_alive_is_not_a_slow_head(env: Env) -> None:
+    """The timer starts with a request's first byte, not when the connection idles."""
+    first = request("GET", "/appointments", [RECEPTIONIST], close=False)
+    second = request("GET", "/appointments", [RECEPTIONIST])
+    got = await exchange(env.port, [first, second], pause=HEADER_TIMEOUT_MS / 1000 + 0.5,
+                         count=2, timeout=10)
+    assert [r.status for r in got] == [200, 200]
 
 
 # ------------------------------------------------------------------ slow bodies

@@ -667,7 +667,9 @@ async def serve(rt: Runtime, *, traffic_sock: socket.socket | None = None) -> Se
     # parse errors (smuggling, oversized headers) get the envelope: proxy.httpserver
     server = TrafficServer(rt.handle, access_log=None, request_factory=make_request,
                            policy_hash=lambda: rt.pipeline.policy_hash,
-                           head_timeout=lambda: rt.cfg.limits.header_timeout_s)
+                           head_timeout=lambda: rt.cfg.limits.header_timeout_s,
+                           on_refusal=lambda verdict, trace_id: rt.pipeline.record_refusal(
+                               verdict, trace_id))
     traffic = web.ServerRunner(server, handle_signals=False,
                                shutdown_timeout=cfg.shutdown.drain_timeout_s)
     await traffic.setup()

@@ -8,8 +8,10 @@ audited. aiohttp's own answer to them is a text/plain body that quotes the
 offending bytes (a credential in a malformed header line would be echoed) and
 an ERROR log line with the same bytes. Here they get the JSON envelope of
 contract §5 instead (400 ``BadRequest_MalformedRequest``, or 431
-``Request_HeadersTooLarge``), the connection is closed, and the log line names
-the exception type only.
+``Request_HeadersTooLarge``), the connection is closed, the log line names
+the exception type only, and a ``DENY`` decision record is queued for the
+audit trail (``on_refusal``: no method, route or principal, since none could
+be parsed; the envelope's request id names it).
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ def parse_error_verdict(exc: BaseException | None) -> Verdict:
 
 class _Handler(RequestHandler):
     def __init__(self, manager: web.Server, *, policy_hash: Callable[[], str],
-                 head_timeout: Callable[[], float], **kwargs: Any) -> None:
+                 head_timeout: Callable[[], float],
+                 on_refusal: Callable[[Verdict, str], str], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.policy_hash = policy_hash
         self._head_timeout = head_timeout
+        self._on_refusal = on_refusal
         self._head_timer: asyncio.TimerHandle | None = None
 
     # A request head (request line and headers) must arrive within
@@ -96,7 +100,13 @@ class _Handler(RequestHandler):
             policy_hash = self.policy_hash()
         except Exception:
             policy_hash = ""
-        resp = envelope_response(verdict, None, "", secrets.token_hex(16), policy_hash)
+        trace_id = secrets.token_hex(16)
+        try:
+            request_id = self._on_refusal(verdict, trace_id)  # queues the DENY record
+        except Exception:
+            log.exception("parser refusal not audited")
+            request_id = ""
+        resp = envelope_response(verdict, None, request_id, trace_id, policy_hash)
         resp.force_close()
         return resp
 
@@ -106,11 +116,13 @@ class TrafficServer(web.Server):
     close when a request head does not arrive in time."""
 
     def __init__(self, handler: Any, *, policy_hash: Callable[[], str],
-                 head_timeout: Callable[[], float], **kwargs: Any) -> None:
+                 head_timeout: Callable[[], float], on_refusal: Callable[[Verdict, str], str],
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._policy_hash = policy_hash
         self._head_timeout = head_timeout
+        self._on_refusal = on_refusal
 
     def __call__(self) -> RequestHandler:
         return _Handler(self, policy_hash=self._policy_hash, head_timeout=self._head_timeout,
-                        loop=self._loop, **self._kwargs)
+                        on_refusal=self._on_refusal, loop=self._loop, **self._kwargs)

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.audit.records import EventIds, base_record
 from proxy.config import Config
@@ -60,6 +61,7 @@ def _span_id() -> str:
 
 def _trace_id() -> str:
     return f"{_IDS.getrandbits(128) or 1:032x}"
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 
 
@@ -418,6 +420,21 @@ class Pipeline:
             "latency_ms": latency, "response_sha256": digest.hexdigest(),
             "response_bytes": size}))
         return out
+
+    def record_refusal(self, verdict: Verdict, trace_id: str) -> str:
+        """Audit a request the HTTP parser refused (proxy.httpserver); returns its id.
+
+        Nothing of it could be parsed, so the record has no method, route or
+        principal; it is queued (the answer does not wait for the commit).
+        """
+        ex = Exchange(method="", target=Target("", ""), headers=_NO_HEADERS, peer="",
+                      scheme="", host="", trace_id=trace_id, traceparent="",
+                      mode=self.mode.current())
+        ex.request_id = self.event_ids.next()
+        self.metrics.requests.labels("-", verdict.decision).inc()
+        self._record_later(ex, self._build(ex, "decision", verdict.decision, verdict.status,
+                                           verdict.reasons, {}))
+        return ex.request_id
 
     def _record_later(self, ex: Exchange, record: dict[str, Any]) -> None:
         """Queue a record nobody waits for; its commit or failure is counted and logged."""

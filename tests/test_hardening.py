@@ -498,6 +498,32 @@ async def test_header_attribute_cannot_be_doubled(env: Env) -> None:
     assert len(env.upstream.seen) == before + 1
 
 
+# ------------------------------------------------------------------ parser refusals
+
+
+@pytest.mark.parametrize("raw,status,reason", [
+    (b"POST /appointments HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, PARSER),
+    (get("/appointments", *[(f"X-H{i}", "v") for i in range(200)]), 431,
+     "Request_HeadersTooLarge"),
+])
+async def test_parser_refusals_are_audited(env: Env, raw: bytes, status: int,
+                                           reason: str) -> None:
+    before = len(env.upstream.seen)
+    got = await exchange(env.port, raw, timeout=5)
+    assert got and got[0].status == status and got[0].reasons == [reason]
+    request_id = got[0].envelope()["request_id"]
+    assert request_id
+    await env.proxy.rt.pipeline.flush()
+    records = [r for r in audit_rows(env.audit) if r["request_id"] == request_id]
+    assert len(records) == 1, records
+    (rec,) = records
+    assert (rec["kind"], rec["decision"], rec["status"]) == ("decision", "DENY", status)
+    assert reason in rec["reason_codes"] and rec["trace_id"] == got[0].envelope()["trace_id"]
+    assert rec["method"] == "" and rec["route"] is None and rec["actor"] is None
+    assert len(env.upstream.seen) == before
+
+
 # ------------------------------------------------------------------ slow heads
 
 

@@ -8,8 +8,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.casf-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/dev.lock -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # every dependency at its locked version and hashes (scripts/lock.sh writes the
+  # lock); then the project itself, with nothing more resolved
+  .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
   touch "$stamp"
 fi

@@ -698,7 +698,9 @@ def test_proxy_dockerfile() -> None:
     assert all(a.split()[0] == "${PYTHON_IMAGE}" for op, a in ins if op == "FROM")
     assert "HEALTHCHECK" not in {op for op, _ in ins}
     runs = " ".join(a for op, a in ins if op == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs), "installs the package, no extras"
+    # the runtime lock with hashes first, then the package with nothing more resolved
+    assert "pip install --require-hashes -r requirements/runtime.lock" in runs
+    assert re.search(r"pip install --no-deps \.(\s|$)", runs), "installs the package, no extras"
     assert "[dev]" not in runs
     final = _final_stage(path)
     env = " ".join(a for op, a in final if op == "ENV")
@@ -964,3 +966,50 @@ def test_deploy_doc_names_only_existing_files() -> None:
             continue
         assert (ROOT / rel).exists(), f"docs/deploy.md names {rel}, which does not exist"
     assert "kubectl apply -k deploy/k8s/overlays/embedded" in text
+
+
+# ------------------------------------------------------------------ dependency locks
+
+
+def _locked(path: Path) -> dict[str, list[str]]:
+    """Package name -> its hashes, from a pip-compile --generate-hashes file."""
+    pins: dict[str, list[str]] = {}
+    name = ""
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9._-]+)==(\S+)", line)
+        if m:
+            name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+            pins[name] = []
+        elif (h := re.search(r"--hash=sha256:([0-9a-f]{64})", line)) and name:
+            pins[name].append(h.group(1))
+    return pins
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r)[0]).lower()  # type: ignore[index]
+            for r in reqs}
+
+
+def test_locks_pin_every_dependency_with_hashes() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _requirement_names(project["dependencies"])
+    dev = _requirement_names(project["optional-dependencies"]["dev"])
+    for lock, wanted in ((ROOT / "requirements" / "runtime.lock", runtime),
+                         (ROOT / "requirements" / "dev.lock", runtime | dev)):
+        pins = _locked(lock)
+        assert wanted <= set(pins), (lock.name, sorted(wanted - set(pins)))
+        assert all(pins.values()), [n for n, h in pins.items() if not h]  # every pin hashed
+        text = lock.read_text()
+        assert "--index-url" not in text and "--find-links" not in text  # no machine paths
+    # the image runs the versions the tests ran with
+    versions = {lock: dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)",
+                                      (ROOT / "requirements" / lock).read_text(), re.M))
+                for lock in ("runtime.lock", "dev.lock")}
+    for name, version in versions["runtime.lock"].items():
+        assert versions["dev.lock"].get(name) == version, name
+    boot = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert "--require-hashes -r requirements/dev.lock" in boot
+    assert "--no-deps -e ." in boot
+

@@ -61,6 +61,8 @@ def _span_id() -> str:
 
 def _trace_id() -> str:
     return f"{_IDS.getrandbits(128) or 1:032x}"
+
+
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 
@@ -213,21 +215,21 @@ class Pipeline:
             ex.body = content.read_nowait()
             if len(ex.body) > limits.max_body_bytes:
                 return too_large
-            ex.body_sha256 = hashlib.sha256(ex.body).hexdigest()
-            return override_param_verdict("", request.headers.get("Content-Type"), ex.body)
-        chunks: list[bytes] = []
-        total = 0
-        try:
-            async with asyncio.timeout(limits.body_read_timeout_s):
-                async for chunk in request.content.iter_chunked(65536):
-                    total += len(chunk)
-                    if total > limits.max_body_bytes:
-                        return too_large
-                    chunks.append(chunk)
-        except TimeoutError:
-            return Verdict("DENY", 408, (Reason.BODY_TIMEOUT,), "request body read timed out",
-                           (("Connection", "close"),), shadowable=False)
-        ex.body = b"".join(chunks)
+        else:
+            chunks: list[bytes] = []
+            total = 0
+            try:
+                async with asyncio.timeout(limits.body_read_timeout_s):
+                    async for chunk in content.iter_chunked(65536):
+                        total += len(chunk)
+                        if total > limits.max_body_bytes:
+                            return too_large
+                        chunks.append(chunk)
+            except TimeoutError:
+                return Verdict("DENY", 408, (Reason.BODY_TIMEOUT,),
+                               "request body read timed out", (("Connection", "close"),),
+                               shadowable=False)
+            ex.body = b"".join(chunks)
         ex.body_sha256 = hashlib.sha256(ex.body).hexdigest()
         return override_param_verdict("", request.headers.get("Content-Type"), ex.body)
 

@@ -349,11 +349,7 @@ class PostgresAuditSink(QueuedSink):
 
     async def close(self) -> None:
         """Flush queued records (bounded), stop the writer, release the lease."""
-        if self._writer is not None:
-            await self._drain()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self._stop_writer()
         w, self._w = self._w, None
         if w is not None:
             await _close(w.conn, self.timeout_s)

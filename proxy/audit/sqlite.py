@@ -207,11 +207,7 @@ class SqliteAuditSink(QueuedSink):
 
     async def close(self) -> None:
         """Flush queued records (bounded), then stop the writer and close the file."""
-        if self._writer is not None:
-            await self._drain()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self._stop_writer()
         if self._conn is not None:
             await self._run(self._conn.close)
         self._executor.shutdown(wait=True)

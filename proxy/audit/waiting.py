@@ -9,6 +9,7 @@ future is done, so the writer skips it or leaves it alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from proxy.ports import AuditReceipt, AuditUnavailable
@@ -70,17 +71,25 @@ class QueuedSink:
         self._check_writer()
         return await submit(self._queue, record, self.timeout_s)
 
-    async def _drain(self) -> None:
-        """Wait until the queued records are written: bounded by twice the commit
-        timeout, and at once if the writer has stopped (nobody would take them)."""
-        if self._writer is None or self._writer.done():
+    async def _stop_writer(self) -> None:
+        """Let the writer write what is queued, then stop it.
+
+        The wait is bounded by twice the commit timeout and ends at once if the
+        writer has stopped (nobody would take the records).
+        """
+        writer = self._writer
+        if writer is None:
             return
-        joined = asyncio.ensure_future(self._queue.join())
-        try:
-            await asyncio.wait({joined, self._writer}, timeout=self.timeout_s * 2,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            joined.cancel()
+        if not writer.done():
+            joined = asyncio.ensure_future(self._queue.join())
+            try:
+                await asyncio.wait({joined, writer}, timeout=self.timeout_s * 2,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                joined.cancel()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
 
     def append_later(self, record: dict[str, Any]) -> asyncio.Future[AuditReceipt]:
         """Queue the record and return at once; the future settles with its commit."""

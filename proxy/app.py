@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import aiohttp
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -42,7 +40,7 @@ from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
 from proxy.envelope import envelope_response
-from proxy.forward import new_session
+from proxy.forward import UpstreamClient, new_upstream
 from proxy.httpserver import TrafficServer
 from proxy.identity import Identity
 from proxy.metrics import Metrics, exposition
@@ -67,6 +65,7 @@ from proxy.stages.authenticate import AuthenticateStage
 from proxy.stages.policy import PolicyStage
 from proxy.stages.ratelimit import RateRules
 from proxy.stages.replay import MAX_ID_LENGTH, parse_request_id
+from proxy.strictjson import JsonRejected, loads_strict
 from proxy.tasks import spawn
 
 log = logging.getLogger("casf")
@@ -124,7 +123,7 @@ class _Generation:
                  "session")
 
     def __init__(self, cfg: Config, pipeline: Pipeline, engine: _Shared[PolicyEngine],
-                 identity: _Shared[Identity], session: _Shared[aiohttp.ClientSession]) -> None:
+                 identity: _Shared[Identity], session: _Shared[UpstreamClient]) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.engine = engine
@@ -366,7 +365,7 @@ class Runtime:
             if prev is not None and _session_params(prev.cfg) == _session_params(cfg):
                 session = prev.session
             else:
-                new = new_session(cfg.upstream)
+                new = new_upstream(cfg.upstream)
                 session = _Shared(new, new.close)
         except BaseException:
             if identity is not None and identity.users == 0:
@@ -383,7 +382,7 @@ class Runtime:
         ]
         pipeline = Pipeline(cfg, stages, state=self.state, mode=self.mode, audit=self.audit,
                             policy_hash=engine_value.policy_hash, metrics=self.metrics,
-                            session=session.value, consumed_headers=ident.consumed_headers,
+                            upstream=session.value, consumed_headers=ident.consumed_headers,
                             stripped_headers=ident.stripped_headers)
         if prev is not None:
             pipeline.event_ids = prev.pipeline.event_ids
@@ -443,6 +442,15 @@ class Runtime:
                           extra={"fields": {"event": "config_reload", "result": "error",
                                             "hash": old.cfg.digest}})
                 return False
+            if cfg.digest == old.cfg.digest and reason.startswith("file change"):
+                # the same bytes as the config in force (a file was touched, or a
+                # directory and the file in it were both seen to change): nothing
+                # to do, and not a reload
+                await gen.release()
+                self.metrics.config_reload.labels("unchanged").inc()
+                log.info("config files touched, content unchanged (hash %s): not reloaded",
+                         cfg.digest[:12])
+                return True
             ignored = _restart_only(old.cfg, cfg)
             if ignored:
                 log.warning("config reload (%s): %s changed; these settings apply only after "
@@ -492,7 +500,7 @@ class Runtime:
     # ------------------------------------------------------------ admin
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._admin_errors], client_max_size=64 * 1024)
         app.router.add_get("/health", self._health)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -501,6 +509,33 @@ class Runtime:
         app.router.add_post("/admin/identity/reload", self._reload_identity)
         app.router.add_post("/admin/config/reload", self._reload_config)
         return app
+
+    def _admin_envelope(self, request: web.BaseRequest, status: int, reasons: tuple[str, ...],
+                        message: str, headers: tuple[tuple[str, str], ...] = (),
+                        tool: str | None = None) -> web.Response:
+        """The admin API's own errors: the same envelope as the traffic listener's."""
+        verdict = Verdict("DENY", status, reasons, message, headers, shadowable=False)
+        return envelope_response(verdict, tool, "", trace_context(request.headers)[0],
+                                 self.pipeline.policy_hash)
+
+    @web.middleware
+    async def _admin_errors(self, request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 413:
+                return self._admin_envelope(request, 413, (Reason.REQUEST_TOO_LARGE,),
+                                            "request body too large")
+            if exc.status == 405:
+                return self._admin_envelope(request, 405, (Reason.ROUTE_NOT_MAPPED,),
+                                            "method not allowed here",
+                                            (("Allow", exc.headers.get("Allow", "")),))
+            return self._admin_envelope(request, exc.status, (Reason.ROUTE_NOT_MAPPED,),
+                                        "no such admin resource")
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -524,6 +559,7 @@ class Runtime:
                                  status=200 if ok else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        self.metrics.set_mode(self.mode.current().value, (m.value for m in Mode))
         if self.multiproc_dir is not None:  # every worker's files: read them off the loop
             body = await asyncio.to_thread(exposition, self.metrics, self.multiproc_dir)
         else:
@@ -535,13 +571,14 @@ class Runtime:
     def _authorised(self, request: web.Request) -> web.Response | None:
         token = self.env.admin_token
         if token is None:
-            return web.json_response({"error": "admin API disabled (CASF_ADMIN_TOKEN unset)"},
-                                     status=404)
+            return self._admin_envelope(request, 404, (Reason.ADMIN_DISABLED,),
+                                        "admin API disabled (CASF_ADMIN_TOKEN unset)")
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return web.json_response({"error": "unauthorised"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            reason = Reason.AUTH_INVALID if given else Reason.AUTH_MISSING
+            return self._admin_envelope(request, 401, (reason,), "unauthorised",
+                                        (("WWW-Authenticate", "Bearer"),))
         return None
 
     async def _reload_identity(self, request: web.Request) -> web.Response:
@@ -584,19 +621,24 @@ class Runtime:
             return envelope_response(verdict, _SET_MODE, "", trace_context(request.headers)[0],
                                      self.pipeline.policy_hash)
         try:
-            body = orjson.loads(await request.read())
+            body = loads_strict(await request.read())  # duplicate keys are refused
+            if not isinstance(body, dict) or set(body) != {"mode"}:
+                raise ValueError("not {\"mode\": ...}")
             new = Mode(body["mode"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return web.json_response(
-                {"error": "body must be {\"mode\": ALLOW|STEP_UP|READ_ONLY|KILL_SWITCH}"},
-                status=400)
+        except (JsonRejected, TypeError, ValueError):
+            return self._admin_envelope(
+                request, 400, (Reason.INVALID_MODE,),
+                'body must be {"mode": "ALLOW" | "STEP_UP" | "READ_ONLY" | "KILL_SWITCH"}',
+                tool=_SET_MODE)
         old = self.mode.current()
         # audited before it takes effect: an unaudited mode change must not happen
         try:
             await self.audit.append(self._mode_record(request_id, old, new, "ALLOW", 200, ()))
         except AuditUnavailable:
-            return web.json_response({"error": "audit store unavailable; mode unchanged"},
-                                     status=503)
+            return self._admin_envelope(request, 503, (Reason.FAIL_CLOSED,
+                                                       Reason.AUDIT_UNAVAILABLE),
+                                        "audit store unavailable; mode unchanged",
+                                        (("Retry-After", "1"),), tool=_SET_MODE)
         try:
             await self.mode.set(new)
         except StoreUnavailable:
@@ -604,8 +646,9 @@ class Runtime:
             with contextlib.suppress(AuditUnavailable):
                 await self.audit.append(self._mode_record(request_id, old, new, "DENY", 503,
                                                           reasons))
-            return web.json_response({"error": "shared state unavailable; mode unchanged",
-                                      "reason_codes": list(reasons)}, status=503)
+            return self._admin_envelope(request, 503, reasons,
+                                        "shared state unavailable; mode unchanged",
+                                        (("Retry-After", "1"),), tool=_SET_MODE)
         log.warning("mode changed %s -> %s", old.value, new.value)
         return web.json_response({"mode": new.value, "previous": old.value})
 
@@ -620,6 +663,30 @@ class Runtime:
             "policy_hash": self.pipeline.policy_hash, "body_sha256": None,
             "attrs": {"args": {"from": old.value, "to": new.value}},
         }
+
+
+class _AdminRunner(web.AppRunner):
+    """The admin app on the traffic listener's HTTP server: parse errors get the
+    envelope (never the offending bytes, which may hold the admin token), a slow
+    head is cut off, and request bodies are never decompressed."""
+
+    def __init__(self, app: web.Application, rt: Runtime, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._rt = rt
+
+    async def _make_server(self) -> web.Server:
+        app = self.app
+        app._set_loop(asyncio.get_running_loop())
+        app.on_startup.freeze()
+        await app.startup()
+        app.freeze()
+        rt = self._rt
+        return TrafficServer(app._handle, request_factory=app._make_request,
+                             auto_decompress=False,
+                             policy_hash=lambda: rt.pipeline.policy_hash,
+                             head_timeout=lambda: rt.cfg.limits.header_timeout_s,
+                             on_refusal=lambda verdict, trace_id: rt.pipeline.record_refusal(
+                                 verdict, trace_id), **self._kwargs)
 
 
 @dataclass(slots=True)
@@ -666,6 +733,7 @@ async def serve(rt: Runtime, *, traffic_sock: socket.socket | None = None) -> Se
 
     # parse errors (smuggling, oversized headers) get the envelope: proxy.httpserver
     server = TrafficServer(rt.handle, access_log=None, request_factory=make_request,
+                           auto_decompress=False,
                            policy_hash=lambda: rt.pipeline.policy_hash,
                            head_timeout=lambda: rt.cfg.limits.header_timeout_s,
                            on_refusal=lambda verdict, trace_id: rt.pipeline.record_refusal(
@@ -680,7 +748,7 @@ async def serve(rt: Runtime, *, traffic_sock: socket.socket | None = None) -> Se
         tsite = web.TCPSite(traffic, cfg.traffic.host, cfg.traffic.port, backlog=1024,
                             reuse_port=reuse)
     await tsite.start()
-    admin = web.AppRunner(rt.admin_app(), access_log=None, handle_signals=False)
+    admin = _AdminRunner(rt.admin_app(), rt, access_log=None, handle_signals=False)
     await admin.setup()
     asite = web.TCPSite(admin, cfg.admin.host, cfg.admin.port, reuse_port=reuse)
     await asite.start()

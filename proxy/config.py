@@ -66,6 +66,7 @@ class UpstreamConfig:
     read_timeout_s: float = 60.0
     pool_size: int = 100
     forward_credentials: bool = False
+    pool_timeout_s: float = 1.0  # waiting for a free pool connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +493,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     up = r.mapping(top.get("upstream"), "upstream")
     r.known(up, "upstream", {"url", "connect_timeout_ms", "timeout_ms", "read_timeout_ms",
-                             "pool_size", "forward_credentials"})
+                             "pool_size", "pool_timeout_ms", "forward_credentials"})
     url = r.string(up, "url", "upstream")
     if not re.match(r"^https?://[^/]+", url):
         r.fail("upstream.url", f"{redact_url(url)!r} is not an http(s) URL",
@@ -503,6 +504,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         timeout_s=r.number(up, "timeout_ms", "upstream", 10_000, 1) / 1000,
         read_timeout_s=r.number(up, "read_timeout_ms", "upstream", 60_000, 1) / 1000,
         pool_size=r.integer(up, "pool_size", "upstream", 100, 1),
+        pool_timeout_s=r.number(up, "pool_timeout_ms", "upstream", 1000, 1) / 1000,
         forward_credentials=r.boolean(up, "forward_credentials", "upstream", False),
     )
 

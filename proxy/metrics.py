@@ -9,7 +9,8 @@ merges every worker's files, so ``/metrics`` on any worker shows the totals
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -25,8 +26,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("casf_requests_total", "Requests by tool and decision",
-                                ["tool", "decision"], registry=r)
+        self.requests = Counter("casf_requests_total",
+                                "Requests by tool, decision and the HTTP status the client got",
+                                ["tool", "decision", "status"], registry=r)
+        self._request_children: dict[tuple[str, str, int], Any] = {}
         self.duration = Histogram("casf_request_duration_seconds",
                                   "Time from request to response headers",
                                   buckets=_LATENCY_BUCKETS, registry=r)
@@ -73,11 +76,29 @@ class Metrics:
         self.config_reload = Counter("casf_config_reload_total",
                                      "Config reloads (SIGHUP or file change), by result",
                                      ["result"], registry=r)
-        for result in ("success", "error"):
+        for result in ("success", "error", "unchanged"):
             self.config_reload.labels(result)
         self.config_info = Gauge("casf_config_info", "1 for the active config hash",
                                  ["hash"], registry=r, multiprocess_mode="livemax")
         self._config_hash: str | None = None
+        # the operator mode: 1 for the mode in force on this replica, 0 for the others
+        self.mode = Gauge("casf_mode", "1 for the current operator mode", ["mode"], registry=r,
+                          multiprocess_mode="livemax")
+
+    def count_request(self, tool: str, decision: str, status: int) -> None:
+        """``casf_requests_total`` for what was sent; the label child is cached."""
+        key = (tool, decision, status)
+        child = self._request_children.get(key)
+        if child is None:
+            if len(self._request_children) > 10_000:  # tools x decisions x statuses: bounded
+                self._request_children.clear()
+            child = self._request_children[key] = self.requests.labels(tool, decision,
+                                                                       str(status))
+        child.inc()
+
+    def set_mode(self, current: str, modes: Iterable[str]) -> None:
+        for mode in modes:
+            self.mode.labels(mode).set(1 if mode == current else 0)
 
     def set_config_hash(self, digest: str) -> None:
         """Make ``digest`` the only ``casf_config_info`` series at 1."""

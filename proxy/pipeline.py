@@ -29,11 +29,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.audit.records import EventIds, base_record
 from proxy.config import Config
 from proxy.envelope import envelope_response
-from proxy.forward import downstream_headers, replay_headers, upstream_request_headers
+from proxy.forward import (
+    UpstreamClient,
+    downstream_headers,
+    replay_headers,
+    upstream_request_headers,
+)
 from proxy.metrics import Metrics
 from proxy.model import ANONYMOUS_AUTH, Exchange, Principal, Verdict
 from proxy.pathnorm import MalformedTarget, Target, split_target
@@ -64,6 +70,12 @@ def _trace_id() -> str:
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_UNREACHABLE = Verdict("DENY", 502, (Reason.UPSTREAM_UNAVAILABLE,), "the upstream is unreachable",
+                       shadowable=False)
+_CONNECTION_FAILED = Verdict("DENY", 502, (Reason.UPSTREAM_UNAVAILABLE,),
+                             "the upstream connection failed", shadowable=False)
+_TIMED_OUT = Verdict("DENY", 504, (Reason.UPSTREAM_TIMEOUT,),
+                     "the upstream did not answer in time", shadowable=False)
 _ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 
 
@@ -90,7 +102,7 @@ def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
 class Pipeline:
     def __init__(self, cfg: Config, stages: list[Stage], *, state: AdmissionStore,
                  mode: ModeStore, audit: AuditSink, policy_hash: str, metrics: Metrics,
-                 session: aiohttp.ClientSession, consumed_headers: tuple[str, ...],
+                 upstream: UpstreamClient, consumed_headers: tuple[str, ...],
                  stripped_headers: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.stages = stages
@@ -99,7 +111,8 @@ class Pipeline:
         self.audit = audit
         self.policy_hash = policy_hash
         self.metrics = metrics
-        self.session = session
+        self.session = upstream.session
+        self.pool = upstream.gate
         self.consumed = consumed_headers
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
@@ -144,7 +157,7 @@ class Pipeline:
             elapsed = time.perf_counter() - started
             self.metrics.in_flight.dec()
             self.metrics.duration.observe(elapsed)
-            self.metrics.requests.labels(ex.tool or "-", decision).inc()
+            self.metrics.count_request(ex.tool or "-", decision, sent or status)
             if log.isEnabledFor(logging.INFO):  # one JSON line (proxy.logs), never bodies
                 log.info({
                     "trace_id": trace_id, "request_id": ex.request_id or None,
@@ -178,7 +191,6 @@ class Pipeline:
                 return await self._replay(ex, verdict.replay)
             if verdict.shadowable and not ex.route.enforce:
                 ex.shadow.extend(verdict.reasons)
-                self.metrics.shadow_denied.inc()
                 if ex.principal is None:
                     ex.principal = _ANONYMOUS
                 continue
@@ -211,6 +223,16 @@ class Pipeline:
             ex.body_sha256 = hashlib.sha256(b"").hexdigest()
             return None
         content = request.content
+        expect = request.headers.get("Expect")
+        if expect is not None and request.version >= (1, 1):
+            # the client waits for an interim answer before it sends the body
+            if expect.strip().lower() != "100-continue":
+                return Verdict("DENY", 417, (Reason.EXPECTATION_FAILED,),
+                               "only Expect: 100-continue is supported",
+                               (("Connection", "close"),), shadowable=False)
+            if not content.is_eof():
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the real response has not started
         if content.is_eof():  # the whole body arrived with the headers: no read to time
             ex.body = content.read_nowait()
             if len(ex.body) > limits.max_body_bytes:
@@ -325,16 +347,40 @@ class Pipeline:
             await self._record(ex, "decision", "ALLOW", 200, reasons)
         except AuditUnavailable:
             return await self._audit_unavailable(ex)
+        if ex.shadow:  # one count per request shadow mode would have denied
+            self.metrics.shadow_denied.inc()
         # 10. forward
-        return await self._forward(request, ex), "ALLOW", 200, reasons
+        response, decision, status, sent = await self._forward(request, ex)
+        return response, decision, status, (*reasons, *sent)
 
     # ------------------------------------------------------------ stage 10
 
-    async def _forward(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, ex: Exchange) -> Answer:
         headers = upstream_request_headers(ex, self.consumed, self.cfg.upstream.forward_credentials,
                                            self.stripped)
-        url = self.base_url + ex.target.path_and_query
+        # the normalised target exactly as decided on, byte for byte: a string URL
+        # would be re-quoted by the client (``%3B`` sent as ``;``, ``%7E`` as ``~``)
+        url = URL(self.base_url + ex.target.path_and_query, encoded=True)
         started = time.perf_counter()
+        # a free pool slot, within upstream.pool_timeout_ms: a wait that gives up
+        # never reached the upstream (503, the claim is released), and is never
+        # reported as a connect timeout
+        try:
+            async with asyncio.timeout(self.cfg.upstream.pool_timeout_s):
+                await self.pool.acquire()
+        except TimeoutError:
+            await self._release(ex)
+            verdict = Verdict("DENY", 503, (Reason.UPSTREAM_BUSY,),
+                              "no upstream connection became free in time",
+                              (("Retry-After", "1"),), shadowable=False)
+            return await self._upstream_failed(ex, verdict, started)
+        try:
+            return await self._send(request, ex, url, headers, started)
+        finally:
+            self.pool.release()
+
+    async def _send(self, request: web.BaseRequest, ex: Exchange, url: URL,
+                    headers: CIMultiDict[str], started: float) -> Answer:
         ex.forwarded = True
         try:
             async with asyncio.timeout(self.cfg.upstream.timeout_s):
@@ -343,28 +389,26 @@ class Pipeline:
                     allow_redirects=False)
         except aiohttp.ClientConnectorError:
             await self._release(ex)  # never reached the upstream: a retry is evaluated afresh
-            return await self._upstream_failed(ex, 502, Reason.UPSTREAM_UNAVAILABLE,
-                                               "the upstream is unreachable", started)
+            return await self._upstream_failed(ex, _UNREACHABLE, started)
         except TimeoutError:
             # the upstream may have acted: the claim stays until its lease expires
-            return await self._upstream_failed(ex, 504, Reason.UPSTREAM_TIMEOUT,
-                                               "the upstream did not answer in time", started)
+            return await self._upstream_failed(ex, _TIMED_OUT, started)
         except aiohttp.ClientError:
-            return await self._upstream_failed(ex, 502, Reason.UPSTREAM_UNAVAILABLE,
-                                               "the upstream connection failed", started)
+            return await self._upstream_failed(ex, _CONNECTION_FAILED, started)
         self.metrics.upstream_duration.observe(time.perf_counter() - started)
-        return await self._stream_back(request, ex, upstream, started)
+        response = await self._stream_back(request, ex, upstream, started)
+        return response, "ALLOW", upstream.status, ()
 
-    async def _upstream_failed(self, ex: Exchange, status: int, reason: Reason, message: str,
-                               started: float) -> web.Response:
+    async def _upstream_failed(self, ex: Exchange, verdict: Verdict, started: float) -> Answer:
         latency = round((time.perf_counter() - started) * 1000, 3)
         try:
-            await self._record(ex, "outcome", "ALLOW", status, (reason,), latency_ms=latency,
-                               response_sha256=None)
+            await self._record(ex, "outcome", "ALLOW", verdict.status, verdict.reasons,
+                               latency_ms=latency, response_sha256=None)
         except AuditUnavailable:
             errlog.error("upstream failure not audited (trace %s)", ex.trace_id)
-        verdict = Verdict("DENY", status, (reason,), message, shadowable=False)
-        return envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id, self.policy_hash)
+        return (envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
+                                  self.policy_hash),
+                verdict.decision, verdict.status, verdict.reasons)
 
     async def _stream_back(self, request: web.BaseRequest, ex: Exchange,
                            upstream: aiohttp.ClientResponse, started: float
@@ -384,6 +428,7 @@ class Pipeline:
         complete = True
         size = 0
         client_gone = False
+        abandoned = False  # stopped reading before the upstream's end
         try:
             await out.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -394,18 +439,32 @@ class Pipeline:
                         captured += chunk
                     else:
                         complete = False
-                if not client_gone:
-                    try:
-                        await out.write(chunk)
-                    except (ConnectionError, aiohttp.ClientConnectionResetError):
-                        client_gone = True  # keep reading: the outcome is still recorded
+                if client_gone:
+                    # nobody reads the rest: keep reading only while the stored
+                    # replay still wants it (bounded by its size cap), then let go
+                    if not (keep and complete):
+                        abandoned = True
+                        break
+                    continue
+                try:
+                    await out.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    client_gone = True
+                    if not (keep and complete):
+                        abandoned = True
+                        break
             if not client_gone:
                 await out.write_eof()
         except (aiohttp.ClientError, TimeoutError):
             complete = False
+            abandoned = True
             errlog.warning("upstream response broke off (trace %s)", ex.trace_id)
         finally:
-            upstream.release()
+            if abandoned:
+                complete = False
+                upstream.close()  # an unread connection is never handed to the next request
+            else:
+                upstream.release()
         if ex.claim is not None:
             stored = StoredOutcome(upstream.status, replay_headers(upstream.headers),
                                    bytes(captured) if complete else b"", complete)
@@ -418,9 +477,13 @@ class Pipeline:
         # the forward: the outcome record is committed in the background, so
         # the connection's next request does not wait for a second commit
         # (flush() waits for these at shutdown)
-        self._record_later(ex, self._build(ex, "outcome", "ALLOW", upstream.status, (), {
-            "latency_ms": latency, "response_sha256": digest.hexdigest(),
-            "response_bytes": size}))
+        extra: dict[str, Any] = {"latency_ms": latency, "response_sha256": digest.hexdigest(),
+                                 "response_bytes": size}
+        if abandoned:  # the digest and byte count cover what was read, not the whole
+            extra["response_truncated"] = True
+        if client_gone:
+            extra["client_gone"] = True
+        self._record_later(ex, self._build(ex, "outcome", "ALLOW", upstream.status, (), extra))
         return out
 
     def record_refusal(self, verdict: Verdict, trace_id: str) -> str:
@@ -433,7 +496,7 @@ class Pipeline:
                       scheme="", host="", trace_id=trace_id, traceparent="",
                       mode=self.mode.current())
         ex.request_id = self.event_ids.next()
-        self.metrics.requests.labels("-", verdict.decision).inc()
+        self.metrics.count_request("-", verdict.decision, verdict.status)
         self._record_later(ex, self._build(ex, "decision", verdict.decision, verdict.status,
                                            verdict.reasons, {}))
         return ex.request_id

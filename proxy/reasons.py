@@ -18,6 +18,7 @@ class Reason(StrEnum):
     AMBIGUOUS_REQUEST = "BadRequest_Ambiguous"
     MALFORMED_HEADER = "BadRequest_MalformedHeader"
     UNSUPPORTED_ENCODING = "Request_UnsupportedEncoding"
+    EXPECTATION_FAILED = "Request_ExpectationFailed"
     # the HTTP parser (before a request exists; see proxy.httpserver)
     MALFORMED_REQUEST = "BadRequest_MalformedRequest"
     HEADERS_TOO_LARGE = "Request_HeadersTooLarge"
@@ -54,6 +55,10 @@ class Reason(StrEnum):
     # forward
     UPSTREAM_UNAVAILABLE = "Upstream_Unavailable"
     UPSTREAM_TIMEOUT = "Upstream_Timeout"
+    UPSTREAM_BUSY = "Upstream_Busy"  # no pool connection free within upstream.pool_timeout_ms
+    # the admin API
+    ADMIN_DISABLED = "Admin_Disabled"
+    INVALID_MODE = "BadRequest_InvalidMode"
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"

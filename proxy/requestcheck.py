@@ -12,8 +12,13 @@ the threats they close are listed in ``docs/threat-model.md``.
   are refused (400 ``BadRequest_Ambiguous``): the policy decides on the
   request line, so the upstream must act on it too. Headers:
   ``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override``,
-  ``X-Original-URL``, ``X-Rewrite-URL``; parameters: ``_method`` in the query
-  or in a form / multipart body (Laravel, Rails, Symfony).
+  ``X-Original-URL``, ``X-Rewrite-URL``, compared as the strictest upstream
+  would: any case, with ``_`` and ``-`` folded (CGI/WSGI servers turn
+  ``X_HTTP_Method_Override`` into ``HTTP_X_HTTP_METHOD_OVERRIDE``).
+  Parameters: ``_method`` in the query, in a form / multipart body (Laravel,
+  Rails, Symfony), or as a top-level key of a JSON object body (Laravel and
+  Symfony merge JSON input into the request parameters), however the name is
+  escaped.
 * **Content-Encoding**: a request body with a content coding other than
   ``identity`` is refused (415 ``Request_UnsupportedEncoding``) before it is
   read: the proxy decides on, fingerprints and forwards the exact bytes it
@@ -29,6 +34,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from urllib.parse import unquote_plus
+
+import orjson
 
 from proxy.model import Verdict
 from proxy.reasons import Reason
@@ -64,7 +71,7 @@ def header_verdict(raw_headers: Iterable[tuple[bytes, bytes]]) -> Verdict | None
         if not value.isascii():
             return _MALFORMED_HEADER
         lname = name.lower()
-        if lname in OVERRIDE_HEADERS:
+        if lname.replace(b"_", b"-") in OVERRIDE_HEADERS:
             return _OVERRIDE
         if lname == _CONTENT_ENCODING:
             for token in value.split(b","):
@@ -88,16 +95,40 @@ def _has_override_param(encoded: str) -> bool:
     return False
 
 
+def _json_override(body: bytes) -> bool:
+    """A top-level ``_method`` key in a JSON object body, however it is escaped.
+
+    Only bodies that look like a JSON object are parsed (any content type: an
+    upstream may sniff); one that does not parse is left to the stages that
+    read it (the upstream cannot read parameters from it either).
+    """
+    start = body.lstrip()[:1]
+    if start != b"{":
+        return False
+    if b"method" not in body.lower() and b"\\u" not in body:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and any(
+        isinstance(k, str) and k.strip().lower() == _OVERRIDE_PARAM for k in doc)
+
+
 def override_param_verdict(query: str, content_type: str | None, body: bytes
                            ) -> Verdict | None:
-    """``_method`` in the query, or in a form or multipart body."""
+    """``_method`` in the query, or in a form, multipart or JSON body."""
     if query and _has_override_param(query):
         return _OVERRIDE_PARAMETER
-    if body and content_type:
-        ctype = content_type.lower()
-        if ctype.startswith("application/x-www-form-urlencoded"):
-            if _has_override_param(body.decode("latin-1")):
-                return _OVERRIDE_PARAMETER
-        elif ctype.startswith("multipart/") and _MULTIPART_OVERRIDE.search(body):
+    if not body:
+        return None
+    ctype = (content_type or "").lower()
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        if _has_override_param(body.decode("latin-1")):
             return _OVERRIDE_PARAMETER
+    elif ctype.startswith("multipart/"):
+        if _MULTIPART_OVERRIDE.search(body):
+            return _OVERRIDE_PARAMETER
+    elif _json_override(body):
+        return _OVERRIDE_PARAMETER
     return None

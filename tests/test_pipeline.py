@@ -25,8 +25,12 @@ def body(raw: bytes) -> dict[str, Any]:
 
 def assert_envelope(raw: bytes, status: int, *codes: str, decision: str = "DENY") -> dict[str, Any]:
     env = body(raw)
-    assert set(env) == {"decision", "status", "reason_codes", "message", "tool", "request_id",
-                        "trace_id", "policy_hash"}
+    fields = {"decision", "status", "reason_codes", "message", "tool", "request_id",
+              "trace_id", "policy_hash"}
+    if status in (429, 503):  # these answers carry Retry-After, mirrored in the envelope
+        fields.add("retry_after")
+        assert isinstance(env["retry_after"], int) and env["retry_after"] >= 1
+    assert set(env) == fields
     assert env["decision"] == decision
     assert env["status"] == status
     for code in codes:
@@ -667,7 +671,9 @@ async def test_admin_endpoints_and_contract_metrics(proxy: Proxy) -> None:
     for name in CONTRACT_METRICS:
         assert any(n == name or n.startswith(name + "_") for n in names), name
     assert 'casf_fail_closed_total{trigger="redis"} 0.0' in text
-    assert 'casf_requests_total{decision="ALLOW",tool="cliniccloud.list_appointments"} 1.0' in text
+    assert ('casf_requests_total{decision="ALLOW",status="200",'
+            'tool="cliniccloud.list_appointments"} 1.0') in text
+    assert 'casf_mode{mode="ALLOW"} 1.0' in text and 'casf_mode{mode="KILL_SWITCH"} 0.0' in text
 
 
 def metric(text: str, sample: str) -> float:

@@ -135,6 +135,7 @@ async def http_bench(n: int) -> list[tuple[str, float, float]]:
     up = f"http://127.0.0.1:{runner.addresses[0][1]}"
     tmp = Path(tempfile.mkdtemp())
     env = Environment({"CLINIC_UPSTREAM": up, "CASF_PORT": "0", "CASF_ADMIN_PORT": "0",
+                       "CASF_DECISIONS_PORT": "0",
                        "CASF_AUDIT_PATH": str(tmp / "audit.db")})
     cfg = load_config(ROOT / "examples" / "clinic" / "casf.yaml", env)
     fresh = [mint("nurse", "t1", subject=f"u{i}") for i in range(n + 50)]

@@ -63,6 +63,7 @@ def main() -> int:
             port, admin = free_port(), free_port()
             env = {"CLINIC_UPSTREAM": f"http://127.0.0.1:{backend_port}",
                    "CASF_PORT": str(port), "CASF_ADMIN_PORT": str(admin),
+                   "CASF_DECISIONS_PORT": str(free_port()),
                    "CASF_LOG_LEVEL": "warning", "CASF_SHUTDOWN_DELAY_MS": "0",
                    "CASF_AUDIT_PATH": str(tmp / f"{n}.db")}
             with process([PY, "-m", "proxy.cli", "run", "-c", str(cfg)], port, env,

@@ -199,6 +199,7 @@ def start_target(per: ExitStack, target: str, backend: subprocess.Popen[bytes], 
     port, admin = free_port(), free_port()
     env = {"CLINIC_UPSTREAM": upstream, "CASF_PORT": str(port),
            "CASF_ADMIN_PORT": str(admin), "CASF_LOG_LEVEL": "warning",
+           "CASF_DECISIONS_PORT": str(free_port()),
            "CASF_SHUTDOWN_DELAY_MS": "0",
            "CASF_AUDIT_PATH": str(tmp / f"{target}.db")}
     if target in ("redis", "full"):

@@ -38,6 +38,9 @@ from proxy.audit.postgres import PostgresAuditSink
 from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
+from proxy.core import DecisionCore, trace_context
+from proxy.doors.decisions import DecisionDoors
+from proxy.doors.inline import InlineProxy
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
 from proxy.envelope import envelope_response
 from proxy.forward import UpstreamClient, new_upstream
@@ -45,7 +48,6 @@ from proxy.httpserver import TrafficServer
 from proxy.identity import Identity
 from proxy.metrics import Metrics, exposition
 from proxy.model import Verdict
-from proxy.pipeline import Pipeline, trace_context
 from proxy.policy_opa import OpaEngine, open_policy_engine
 from proxy.ports import (
     AdmissionStore,
@@ -67,6 +69,7 @@ from proxy.stages.ratelimit import RateRules
 from proxy.stages.replay import MAX_ID_LENGTH, parse_request_id
 from proxy.strictjson import JsonRejected, loads_strict
 from proxy.tasks import spawn
+from proxy.trail import AuditTrail
 
 log = logging.getLogger("casf")
 _SET_MODE = "casf.admin.set_mode"  # the tool name of admin mode changes in the audit chain
@@ -86,6 +89,7 @@ class WorkerSpec:
     count: int
     traffic_port: int
     admin_port: int
+    decisions_port: int = 0
 
     def apply(self, cfg: Config, env: Environment) -> Config:
         audit = cfg.audit
@@ -93,9 +97,13 @@ class WorkerSpec:
         # worker: suffix it. PostgreSQL without one leases a free chain per process.
         if audit.chain_id_set or not env.pg_dsn:
             audit = dataclasses.replace(audit, chain_id=f"{audit.chain_id}-w{self.index}")
+        decisions = cfg.decisions_listener
+        if decisions is not None:
+            decisions = dataclasses.replace(decisions, port=self.decisions_port)
         return dataclasses.replace(
             cfg, traffic=dataclasses.replace(cfg.traffic, port=self.traffic_port),
-            admin=dataclasses.replace(cfg.admin, port=self.admin_port), audit=audit)
+            admin=dataclasses.replace(cfg.admin, port=self.admin_port), audit=audit,
+            decisions_listener=decisions)
 
 
 class _Shared(Generic[T]):
@@ -122,7 +130,7 @@ class _Generation:
     __slots__ = ("active", "cfg", "engine", "identity", "pipeline", "released", "retired",
                  "session")
 
-    def __init__(self, cfg: Config, pipeline: Pipeline, engine: _Shared[PolicyEngine],
+    def __init__(self, cfg: Config, pipeline: InlineProxy, engine: _Shared[PolicyEngine],
                  identity: _Shared[Identity], session: _Shared[UpstreamClient]) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
@@ -147,6 +155,9 @@ class _Generation:
                 log.exception("closing a replaced config generation failed")
 
 
+_GEN = web.RequestKey("casf_generation", _Generation)
+
+
 def _describe(exc: BaseException) -> str:
     from proxy.config import ConfigError
     from proxy.policy_regorus import PolicyLoadError
@@ -165,6 +176,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         changed.append("listen.traffic")
     if old.admin != new.admin:
         changed.append("listen.admin")
+    if old.decisions_listener != new.decisions_listener:
+        changed.append("listen.decisions")
     if old.redis != new.redis:
         changed.append("redis")
     for name in ("sqlite_path", "chain_id", "batch_max", "batch_wait_s", "timeout_s"):
@@ -269,7 +282,7 @@ class Runtime:
         return self.gen.cfg
 
     @property
-    def pipeline(self) -> Pipeline:
+    def pipeline(self) -> InlineProxy:
         return self.gen.pipeline
 
     @property
@@ -375,17 +388,18 @@ class Runtime:
         ident = identity.value
         stages: list[Stage] = [
             AuthenticateStage(ident),
-            AttributeBuilder(),
+            AttributeBuilder(cfg.decisions.trusted_callers),
             AdmissionStage(cfg.replay, RateRules(cfg.rate_limits, cfg.budgets), self.state,
                            cfg.replay_lease_s, self.metrics),
             PolicyStage(engine_value),
         ]
-        pipeline = Pipeline(cfg, stages, state=self.state, mode=self.mode, audit=self.audit,
-                            policy_hash=engine_value.policy_hash, metrics=self.metrics,
-                            upstream=session.value, consumed_headers=ident.consumed_headers,
-                            stripped_headers=ident.stripped_headers)
-        if prev is not None:
-            pipeline.event_ids = prev.pipeline.event_ids
+        trail = AuditTrail(self.audit, self.metrics, engine_value.policy_hash, cfg.audit.redact,
+                           cfg.digest, prev.pipeline.trail.event_ids if prev else None)
+        core = DecisionCore(cfg, stages, state=self.state, mode=self.mode, trail=trail,
+                            metrics=self.metrics)
+        pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
+                               consumed_headers=ident.consumed_headers,
+                               stripped_headers=ident.stripped_headers)
         return _Generation(cfg, pipeline, engine, identity, session)
 
     async def _close_generations(self) -> None:
@@ -418,6 +432,27 @@ class Runtime:
             gen.active -= 1
             if gen.retired and gen.active == 0:
                 spawn(self._release(gen), name="casf-release-generation")
+
+    @web.middleware
+    async def _pin_generation(self, request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                              ) -> web.StreamResponse:
+        """A decision-listener request keeps the generation it started with, too."""
+        gen = self.gen
+        gen.active += 1
+        self.in_flight += 1
+        request[_GEN] = gen
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+            gen.active -= 1
+            if gen.retired and gen.active == 0:
+                spawn(self._release(gen), name="casf-release-generation")
+
+    def decisions_app(self) -> web.Application:
+        doors = DecisionDoors(lambda request: request[_GEN].pipeline.core, self.metrics)
+        return doors.app([self._admin_errors, self._pin_generation])
 
     async def _release(self, gen: _Generation) -> None:
         with contextlib.suppress(ValueError):
@@ -666,9 +701,9 @@ class Runtime:
 
 
 class _AdminRunner(web.AppRunner):
-    """The admin app on the traffic listener's HTTP server: parse errors get the
-    envelope (never the offending bytes, which may hold the admin token), a slow
-    head is cut off, and request bodies are never decompressed."""
+    """The admin and decision apps on the traffic listener's HTTP server: parse
+    errors get the envelope (never the offending bytes, which may hold the admin
+    token), a slow head is cut off, and request bodies are never decompressed."""
 
     def __init__(self, app: web.Application, rt: Runtime, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
@@ -694,6 +729,7 @@ class Serving:
     traffic_port: int
     admin_port: int
     runners: list[web.BaseRunner]
+    decisions_port: int | None = None
 
     @property
     def traffic(self) -> web.BaseRunner:
@@ -752,7 +788,16 @@ async def serve(rt: Runtime, *, traffic_sock: socket.socket | None = None) -> Se
     await admin.setup()
     asite = web.TCPSite(admin, cfg.admin.host, cfg.admin.port, reuse_port=reuse)
     await asite.start()
-    return Serving(_port(traffic), _port(admin), [traffic, admin])
+    runners: list[web.BaseRunner] = [traffic, admin]
+    decisions_port: int | None = None
+    if cfg.decisions_listener is not None:
+        doors = _AdminRunner(rt.decisions_app(), rt, access_log=None, handle_signals=False)
+        await doors.setup()
+        runners.append(doors)
+        await web.TCPSite(doors, cfg.decisions_listener.host, cfg.decisions_listener.port,
+                          reuse_port=reuse).start()
+        decisions_port = _port(doors)
+    return Serving(_port(traffic), _port(admin), runners, decisions_port)
 
 
 def _port(runner: web.BaseRunner) -> int:

@@ -68,9 +68,11 @@ async def _serve_forever(cfg: Config, env: Environment, worker: WorkerSpec | Non
     async with Runtime.open(cfg, env, worker=worker) as rt:
         serving = await serve(rt)
         log.warning(
-            "casf-proxy listening: traffic %s:%d → %s, admin %s:%d, mode %s, policy %s, "
-            "config %s", rt.cfg.traffic.host, serving.traffic_port,
+            "casf-proxy listening: traffic %s:%d → %s, admin %s:%d, decisions %s, mode %s, "
+            "policy %s, config %s", rt.cfg.traffic.host, serving.traffic_port,
             redact_url(cfg.upstream.url), rt.cfg.admin.host, serving.admin_port,
+            f"{rt.cfg.decisions_listener.host}:{serving.decisions_port}"
+            if rt.cfg.decisions_listener is not None else "off",
             rt.mode.current().value, rt.pipeline.policy_hash, cfg.digest[:12])
 
         async def reloads() -> None:
@@ -98,7 +100,8 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
     if args.worker is not None:  # started by the supervisor of `run --workers N`
         from proxy.app import WorkerSpec
 
-        worker = WorkerSpec(args.worker, args.workers, args.traffic_port, args.admin_port)
+        worker = WorkerSpec(args.worker, args.workers, args.traffic_port, args.admin_port,
+                            args.decisions_port)
         _setup_logging(env, args.worker)
     elif args.workers > 1:
         from proxy.workers import supervise
@@ -443,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p_run.add_argument("--traffic-port", type=int, default=0, help=argparse.SUPPRESS)
     p_run.add_argument("--admin-port", type=int, default=0, help=argparse.SUPPRESS)
+    p_run.add_argument("--decisions-port", type=int, default=0, help=argparse.SUPPRESS)
     p_run.set_defaults(func=cmd_run)
 
     p_val = sub.add_parser("validate", help="check the config and compile the policies")

@@ -183,6 +183,9 @@ class RateLimitRule:
     limit: int
     window_s: float
     cost: int = 1
+    # a violation this rule reports next to RateLimit_Exceeded (and next to
+    # FAIL_CLOSED when its store is unreachable), e.g. casf-core's Inv_NoSmsBurst
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +306,22 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionsConfig:
+    """The decision listener's front doors (docs/decision-api.md).
+
+    ``tools`` maps every tool a decision door may be asked about to the route
+    whose settings decide it: the first route naming the tool, or a
+    ``decisions.tools`` entry (no path of its own). ``trusted_callers`` are
+    principal ids whose ``/verify`` bodies may assert role, subject and context.
+    """
+
+    trusted_callers: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()  # roles a /verify body may name (empty: any)
+    tools: Mapping[str, RouteConfig] = field(default_factory=lambda: MappingProxyType({}))
+    max_body_bytes: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     traffic: Listener
@@ -324,6 +343,8 @@ class Config:
     digest: str = ""
     shutdown: ShutdownConfig = ShutdownConfig()
     reload: ReloadConfig = ReloadConfig()
+    decisions_listener: Listener | None = None
+    decisions: DecisionsConfig = DecisionsConfig()
 
     @property
     def replay_lease_s(self) -> float:
@@ -446,7 +467,7 @@ class _Reader:
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
-             "shutdown", "reload"}
+             "shutdown", "reload", "decisions"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -487,9 +508,11 @@ def load_config(path: str | Path, env: Environment) -> Config:
 def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
            env: Environment) -> Config:
     listen = r.mapping(top.get("listen"), "listen")
-    r.known(listen, "listen", {"traffic", "admin"})
+    r.known(listen, "listen", {"traffic", "admin", "decisions"})
     traffic = r.listener(listen, "traffic", "0.0.0.0:8080")
     admin = r.listener(listen, "admin", "0.0.0.0:9901")
+    decisions_listener = (r.listener(listen, "decisions", "")
+                          if listen.get("decisions") not in (None, "") else None)
 
     up = r.mapping(top.get("upstream"), "upstream")
     r.known(up, "upstream", {"url", "connect_timeout_ms", "timeout_ms", "read_timeout_ms",
@@ -543,7 +566,12 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     for i, raw in enumerate(r.seq(top, "rate_limits", "")):
         p = f"rate_limits[{i}]"
         m = r.mapping(raw, p)
-        r.known(m, p, {"name", "tools", "key", "limit", "window_seconds", "cost"})
+        r.known(m, p, {"name", "tools", "key", "limit", "window_seconds", "cost", "reason"})
+        reason = m.get("reason")
+        if reason is not None and not (isinstance(reason, str)
+                                       and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", reason)):
+            r.fail(f"{p}.reason", f"{reason!r} is not a reason code",
+                   "letters, digits and _, e.g. Inv_NoSmsBurst")
         key = r.string(m, "key", p)
         for ref in re.findall(r"\{([^}]*)\}", key):
             if not re.match(r"^(tool|role|mode|effect|(subject|args|context|principal)\.\w+)$",
@@ -559,7 +587,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
                 f"{p}.limit", "is required", "the number of requests allowed per window"),
             window_s=r.number(m, "window_seconds", p, 0, 0.001) if "window_seconds" in m
             else r.fail(f"{p}.window_seconds", "is required", "the window length in seconds"),
-            cost=r.integer(m, "cost", p, 1, 1)))
+            cost=r.integer(m, "cost", p, 1, 1), reason=reason))
 
     budgets = tuple(_budget(r, i, raw) for i, raw in enumerate(r.seq(top, "budgets", "")))
     names = [b.name for b in budgets] + [rule.name for rule in rules]
@@ -653,6 +681,8 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         interval_s=r.number(rl, "interval_ms", "reload", 1000, 50) / 1000,
     )
 
+    decisions = _decisions(r, top.get("decisions"), routes, enforce_default)
+
     digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
@@ -661,7 +691,50 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         routes=routes,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest, shutdown=shutdown, reload=reload,
+        decisions_listener=decisions_listener, decisions=decisions,
     )
+
+
+def _decisions(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...],
+               enforce_default: bool) -> DecisionsConfig:
+    m = r.mapping(raw, "decisions")
+    r.known(m, "decisions", {"verify", "tools", "max_body_bytes"})
+    vm = r.mapping(m.get("verify"), "decisions.verify")
+    r.known(vm, "decisions.verify", {"trusted_callers", "roles"})
+    trusted = frozenset(str(c) for c in r.seq(vm, "trusted_callers", "decisions.verify"))
+    roles = frozenset(str(c) for c in r.seq(vm, "roles", "decisions.verify"))
+    tools: dict[str, RouteConfig] = {}
+    for route in routes:
+        tools.setdefault(route.tool, route)
+    tm = r.mapping(m.get("tools"), "decisions.tools")
+    for i, (name, spec) in enumerate(tm.items()):
+        p = f"decisions.tools.{name}"
+        if name in tools:
+            r.fail(p, f"the tool {name!r} is already a route's tool",
+                   "decision doors decide it with that route's settings; remove the entry")
+        sm = r.mapping(spec, p)
+        r.known(sm, p, {"effect", "required", "fail_mode", "enforce", "allow_in_kill_switch"})
+        effect = r.string(sm, "effect", p)
+        if effect not in ("read", "write"):
+            r.fail(f"{p}.effect", f"{effect!r} is not an effect", "read or write")
+        required = tuple(str(x) for x in r.seq(sm, "required", p))
+        for j, req in enumerate(required):
+            if not _TARGET.match(req):
+                r.fail(f"{p}.required[{j}]", f"{req!r} is not subject.X, args.X or context.X")
+        fail_mode = r.string(sm, "fail_mode", p, "closed" if effect == "write" else "open")
+        if fail_mode not in ("open", "closed"):
+            r.fail(f"{p}.fail_mode", f"{fail_mode!r}", "open or closed")
+        tools[str(name)] = RouteConfig(
+            index=-1 - i, method="POST", path="", tool=str(name),
+            effect=effect,  # type: ignore[arg-type]
+            attributes=(), required=required,
+            enforce=r.boolean(sm, "enforce", p, enforce_default),
+            fail_mode=fail_mode,  # type: ignore[arg-type]
+            allow_in_kill_switch=r.boolean(sm, "allow_in_kill_switch", p, False),
+            resource_tenant=None)
+    return DecisionsConfig(
+        trusted_callers=trusted, roles=roles, tools=MappingProxyType(tools),
+        max_body_bytes=r.integer(m, "max_body_bytes", "decisions", 65_536, 1))
 
 
 def _budget_limits(r: _Reader, m: Mapping[str, Any], p: str) -> BudgetLimits:

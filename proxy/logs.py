@@ -1,7 +1,7 @@
 """Structured logs: every line casf-proxy writes to stderr is one JSON object.
 
 ``{"ts": ..., "level": ..., "logger": ..., "msg": ..., ...}``; a record whose
-message is a mapping (the per-request access line, see ``proxy.pipeline``)
+message is a mapping (the per-request access line, see ``proxy.core``)
 has its fields merged in, and ``extra={"fields": {...}}`` adds fields to any
 other line. Exceptions become an ``exc`` string field, never extra lines.
 ``CASF_LOG_LEVEL`` (debug, info, warning, error; default info) sets the level

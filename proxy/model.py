@@ -12,7 +12,7 @@ from proxy.pathnorm import Target
 from proxy.ports import Claim, StoredOutcome
 
 # ``Principal.auth`` of the caller recorded when authentication failed on a
-# shadow-mode route (``proxy.pipeline``): nobody was authenticated
+# shadow-mode route (``proxy.core``): nobody was authenticated
 ANONYMOUS_AUTH = "none"
 
 
@@ -58,7 +58,7 @@ class Exchange:
     trace_id: str
     traceparent: str
     body: bytes = b""
-    body_sha256: str = ""
+    body_sha256: str | None = ""  # None: no body reached the proxy (forward auth)
     route: RouteConfig | None = None
     params: dict[str, str] = field(default_factory=dict)
     principal: Principal | None = None
@@ -71,6 +71,15 @@ class Exchange:
     degraded: list[str] = field(default_factory=list)  # fail-open events on reads
     budget_warnings: tuple[str, ...] = ()  # "<budget>:<period> <used>/<limit>"
     forwarded: bool = False  # the upstream may have acted: a claim must not be released
+    door: str = "proxy"  # the front door: proxy | verify | envoy | forward | mcp
+    # a decision door's policy input parts given in its request body (``/verify``):
+    # role, subject, args, context, already checked by the door
+    preset: dict[str, Any] | None = None
+    decision_ref: str = ""  # event_id of this request's committed decision record
+    allowed_outputs: tuple[str, ...] = ()  # from the policy's decision document
+    extra_reasons: tuple[str, ...] = ()  # reported next to a deny's own
+    door_request_id: str | None = None  # a decision door's request id from its body
+    record_extra: dict[str, Any] = field(default_factory=dict)  # added to decision records
 
     @property
     def tool(self) -> str:

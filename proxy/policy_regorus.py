@@ -60,8 +60,9 @@ def parse_result(raw: Any) -> PolicyResult:
 def parse_decision(value: Any) -> PolicyResult:
     """The decision document itself, strictly: the same rules for both engines.
 
-    ``{"allow": bool, "violations"?: [str], "needs_approval"?: bool}``; anything
-    else is a deny with ``Policy_BadResult``.
+    ``{"allow": bool, "violations"?: [str], "needs_approval"?: bool,
+    "allowed_outputs"?: [str]}`` (sets arrive as lists); anything else is a deny
+    with ``Policy_BadResult``.
     """
     bad = PolicyResult(PolicyOutcome.DENY, error=Reason.POLICY_BAD_RESULT)
     if not isinstance(value, dict):
@@ -75,11 +76,14 @@ def parse_decision(value: Any) -> PolicyResult:
     approval = value.get("needs_approval", False)
     if not isinstance(approval, bool):
         return bad
+    outputs = value.get("allowed_outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        return bad
     codes = tuple(sorted(set(violations)))
     if approval:
         return PolicyResult(PolicyOutcome.NEEDS_APPROVAL, codes)
     if allow and not codes:
-        return PolicyResult(PolicyOutcome.ALLOW)
+        return PolicyResult(PolicyOutcome.ALLOW, allowed_outputs=tuple(sorted(set(outputs))))
     return PolicyResult(PolicyOutcome.DENY, codes)
 
 

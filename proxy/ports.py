@@ -166,6 +166,7 @@ class PolicyResult:
     outcome: PolicyOutcome
     violations: tuple[str, ...] = ()
     error: str | None = None  # set when the deny comes from a bad result or an eval error
+    allowed_outputs: tuple[str, ...] = ()  # the decision document's allowed_outputs, sorted
 
 
 class PolicyEngine(Protocol):

@@ -56,6 +56,11 @@ class Reason(StrEnum):
     UPSTREAM_UNAVAILABLE = "Upstream_Unavailable"
     UPSTREAM_TIMEOUT = "Upstream_Timeout"
     UPSTREAM_BUSY = "Upstream_Busy"  # no pool connection free within upstream.pool_timeout_ms
+    # the decision doors
+    INVALID_DECISION_REQUEST = "BadRequest_InvalidDecisionRequest"
+    UNKNOWN_TOOL = "BadRequest_UnknownTool"
+    MISSING_ORIGINAL_URI = "BadRequest_MissingOriginalUri"
+    BODY_UNAVAILABLE = "Decision_BodyUnavailable"
     # the admin API
     ADMIN_DISABLED = "Admin_Disabled"
     INVALID_MODE = "BadRequest_InvalidMode"

@@ -76,17 +76,21 @@ class Supervisor:
         self.codes: dict[int, int] = {}
         self._own_dir = False
         self.metrics_dir = ""
-        self.ports = (0, 0)
+        self.ports = (0, 0, 0)
 
     def prepare(self) -> list[socket.socket]:
         """Hold the ports and create the metrics directory (before the loop runs)."""
-        traffic = reserve_port(self.cfg.traffic)
+        held: list[socket.socket] = []
         try:
-            admin = reserve_port(self.cfg.admin)
+            for listener in (self.cfg.traffic, self.cfg.admin, self.cfg.decisions_listener):
+                if listener is not None:
+                    held.append(reserve_port(listener))
         except OSError:
-            traffic.close()
+            for sock in held:
+                sock.close()
             raise
-        self.ports = (traffic.getsockname()[1], admin.getsockname()[1])
+        ports = [sock.getsockname()[1] for sock in held]
+        self.ports = (ports[0], ports[1], ports[2] if len(ports) > 2 else 0)
         given = self.env.prometheus_multiproc_dir
         if given:
             self.metrics_dir = given
@@ -96,7 +100,7 @@ class Supervisor:
         else:
             self.metrics_dir = tempfile.mkdtemp(prefix="casf-metrics-")
             self._own_dir = True
-        return [traffic, admin]
+        return held
 
     def cleanup(self, held: list[socket.socket]) -> None:
         for sock in held:
@@ -126,7 +130,8 @@ class Supervisor:
     def _args(self, index: int) -> list[str]:
         return [sys.executable, "-m", "proxy.cli", "run", "-c", self.config_path,
                 "--workers", str(self.count), "--worker", str(index),
-                "--traffic-port", str(self.ports[0]), "--admin-port", str(self.ports[1])]
+                "--traffic-port", str(self.ports[0]), "--admin-port", str(self.ports[1]),
+                "--decisions-port", str(self.ports[2])]
 
     async def _keep(self, index: int) -> None:
         """Run worker ``index`` until the supervisor stops; restart it when it dies."""

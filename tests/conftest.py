@@ -123,6 +123,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 def clinic_env(upstream_url: str, tmp_path: Path, **extra: str) -> Environment:
     return Environment({
         "CLINIC_UPSTREAM": upstream_url, "CASF_PORT": "0", "CASF_ADMIN_PORT": "0",
+        "CASF_DECISIONS_PORT": "0",
         "CASF_AUDIT_PATH": str(tmp_path / "audit.db"), "CASF_ADMIN_TOKEN": ADMIN_TOKEN,
         **extra})
 

@@ -147,8 +147,10 @@ class ProxyProcess:
         self.config = config
         self.port = free_port()
         self.admin_port = free_port()
+        self.decisions_port = free_port()
         self.env = {**os.environ, **env, "CASF_PORT": str(self.port),
-                    "CASF_ADMIN_PORT": str(self.admin_port)}
+                    "CASF_ADMIN_PORT": str(self.admin_port),
+                    "CASF_DECISIONS_PORT": str(self.decisions_port)}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -531,7 +531,8 @@ def test_sidecar_starts_from_the_manifest_and_answers_its_probes(tmp_path: Path)
     mount, env, proxy = _mounted(tmp_path, "embedded")
     backend_port, port, admin = _free_port(), _free_port(), _free_port()
     env.update(CASF_HOST="127.0.0.1", CASF_ADMIN_HOST="127.0.0.1", CASF_PORT=str(port),
-               CASF_ADMIN_PORT=str(admin), CLINIC_UPSTREAM=f"http://127.0.0.1:{backend_port}",
+               CASF_ADMIN_PORT=str(admin), CASF_DECISIONS_PORT=str(_free_port()),
+               CLINIC_UPSTREAM=f"http://127.0.0.1:{backend_port}",
                CASF_AUDIT_PATH=str(tmp_path / "casf-audit.db"))
     args = [a.replace(str(Path(CONFIG_PATH).parent), str(mount)) for a in proxy["args"]]
     log = tmp_path / "proxy.log"

@@ -46,6 +46,7 @@ async def example(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     backend_port, port, admin_port = free_port(), free_port(), free_port()
     env = {**os.environ, "CLINIC_UPSTREAM": f"http://127.0.0.1:{backend_port}",
            "CASF_PORT": str(port), "CASF_ADMIN_PORT": str(admin_port),
+           "CASF_DECISIONS_PORT": str(free_port()),
            "CASF_AUDIT_PATH": str(tmp_path / "audit.db"), "CASF_ADMIN_TOKEN": "demo-admin-token"}
     backend = subprocess.Popen([sys.executable, "examples/clinic/backend.py", "--port",
                                 str(backend_port)], cwd=ROOT, env=env,
@@ -143,7 +144,8 @@ async def test_readme_walkthrough(example: dict[str, Any]) -> None:
             assert r.status == 200
         async with s.get(admin + "/metrics") as r:
             text = await r.text()
-            assert 'casf_requests_total{decision="DENY",tool="twilio.send_sms"} 1.0' in text
+            assert ('casf_requests_total{decision="DENY",status="429",'
+                    'tool="twilio.send_sms"} 1.0') in text
 
     res = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify", "-c",
                           "examples/clinic/casf.yaml"], cwd=ROOT, env=example["env"],

@@ -52,7 +52,7 @@ async def test_two_workers_serve_and_their_metrics_add_up(tmp_path: Path,
         port, admin = free_port(), free_port()
         env = {**os.environ, **clinic_env(up.url, tmp_path).variables,
                "REDIS_URL": redis_server.url, "CASF_PORT": str(port),
-               "CASF_ADMIN_PORT": str(admin)}
+               "CASF_ADMIN_PORT": str(admin), "CASF_DECISIONS_PORT": str(free_port())}
         log = tmp_path / "proxy.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "run", "-c", str(path),

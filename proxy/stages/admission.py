@@ -47,7 +47,8 @@ class AdmissionStage:
         route = ex.route
         assert route is not None and ex.principal is not None
         # 5. the request id (a claim is needed on write routes)
-        rid = client_request_id(ex, self.replay.request_id_headers)
+        rid = (ex.door_request_id if ex.door_request_id is not None
+               else client_request_id(ex, self.replay.request_id_headers))
         if isinstance(rid, Verdict):
             return rid
         scope = state_scope(ex.principal.tenant, ex.principal.id)
@@ -59,8 +60,11 @@ class AdmissionStage:
         # principal) takes no claim: all such callers would share one key space, so one
         # could be replayed another's stored response, or blocked by its key (docs/state.md)
         if route.effect == "write" and rid is not None and ex.principal.auth != ANONYMOUS_AUTH:
+            # a decision door's stored answer is a decision, never an upstream
+            # response: its fingerprints live apart from the proxy's
+            tool = route.tool if ex.door == "proxy" else f"{ex.door}:{route.tool}"
             claim = Claim(scope, scoped_key(ex.principal.id, rid),
-                          fingerprint(route.tool, ex.method, ex.target.path_and_query,
+                          fingerprint(tool, ex.method, ex.target.path_and_query,
                                       canonical_body(ex.body, ex.headers.get("Content-Type"))),
                           self.lease_s)
         # 6. invariants: decided now, reported after the replay answer
@@ -76,7 +80,8 @@ class AdmissionStage:
             if route.fail_mode == "closed":
                 # fail_mode, not enforce, decides dependency failures: shadow
                 # mode never forwards a fail-closed route past a dead Redis
-                return Verdict("DENY", 503, (Reason.FAIL_CLOSED, code),
+                return Verdict("DENY", 503, (Reason.FAIL_CLOSED, code,
+                                             *self.rules.reasons(c.rule for c in checks)),
                                "replay protection or rate limiting is unavailable",
                                shadowable=False, fail_closed_trigger="redis")
             ex.degraded.append(code)
@@ -109,7 +114,8 @@ class AdmissionStage:
                                f"budget {admission.refused_rule} is used up",
                                (("Retry-After", retry),))
             self.metrics.rate_limited.inc()
-            return Verdict("DENY", 429, (Reason.RATE_LIMITED,),
+            return Verdict("DENY", 429, (Reason.RATE_LIMITED,
+                                         *self.rules.reasons((admission.refused_rule,))),
                            f"rate limit {admission.refused_rule} exceeded",
                            (("Retry-After", retry),))
         if admission.warnings:

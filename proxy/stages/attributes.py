@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 from proxy.config import AttributeSpec, RouteConfig
-from proxy.model import Exchange, Verdict
+from proxy.model import Exchange, Principal, Verdict
 from proxy.reasons import Reason, missing_attribute
 from proxy.strictjson import JsonRejected, loads_strict
 
@@ -44,12 +44,20 @@ def resolve_pointer(doc: Any, pointer: str) -> Any:
 
 
 class AttributeBuilder:
+    """``trusted_callers``: principal ids whose decision-door bodies may assert the
+    role and context (``/verify``); anyone else is decided as who they are."""
+
     name = "attributes"
+
+    def __init__(self, trusted_callers: frozenset[str] = frozenset()) -> None:
+        self.trusted = trusted_callers
 
     async def check(self, ex: Exchange) -> Verdict | None:
         route = ex.route
         principal = ex.principal
         assert route is not None and principal is not None
+        if ex.preset is not None:  # a decision door's body names the attributes itself
+            return self._preset(ex, route, principal, ex.preset)
         if route.reads_body and ex.body:
             try:
                 ex.json_body = loads_strict(ex.body)
@@ -69,12 +77,33 @@ class AttributeBuilder:
             if value is _ABSENT or value is None:
                 continue
             groups[group][field] = value
-        for req in route.required:
-            group, field = req.split(".", 1)
-            if groups[group].get(field) in (None, "", [], {}):
-                return Verdict("DENY", 400, (missing_attribute(req),),
-                               f"required attribute {field} is missing")
+        missing = _missing(route, groups)
+        if missing is not None:
+            return missing
         ex.policy_input = build_input(ex, route, groups)
+        return None
+
+    def _preset(self, ex: Exchange, route: RouteConfig, principal: Principal,
+                preset: dict[str, Any]) -> Verdict | None:
+        groups = {g: dict(preset.get(g) or {}) for g in ("subject", "args", "context")}
+        role = preset.get("role")
+        if principal.id in self.trusted:
+            ex.record_extra["trusted_caller"] = True
+        else:
+            # decided as who the caller is: its own role and tenant, whatever it asserts
+            if role is not None and role != principal.role:
+                ex.record_extra["asserted_role"] = role
+            role = None
+            body_tenant = groups["context"].get("tenant_id")
+            if principal.tenant is not None:
+                if body_tenant not in (None, "") and str(body_tenant) != principal.tenant:
+                    return Verdict("DENY", 403, (Reason.TENANT_MISMATCH,),
+                                   "the request names another tenant than the caller's")
+                groups["context"]["tenant_id"] = principal.tenant
+        missing = _missing(route, groups)
+        if missing is not None:
+            return missing
+        ex.policy_input = build_input(ex, route, groups, role=role)
         return None
 
     @staticmethod
@@ -109,6 +138,15 @@ class AttributeBuilder:
                 "tenant": principal.tenant}.get(spec.name, _ABSENT)
 
 
+def _missing(route: RouteConfig, groups: dict[str, dict[str, Any]]) -> Verdict | None:
+    for req in route.required:
+        group, field = req.split(".", 1)
+        if groups[group].get(field) in (None, "", [], {}):
+            return Verdict("DENY", 400, (missing_attribute(req),),
+                           f"required attribute {field} is missing")
+    return None
+
+
 _BRACKET_SUFFIX = re.compile(r"\[[^\]]*\]$")
 
 
@@ -131,15 +169,16 @@ def _header_count(ex: Exchange, name: str) -> int:
     return sum(1 for k in ex.headers if k.lower().replace("_", "-") == want)
 
 
-def build_input(ex: Exchange, route: RouteConfig,
-                groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_input(ex: Exchange, route: RouteConfig, groups: dict[str, dict[str, Any]],
+                role: str | None = None) -> dict[str, Any]:
+    """The policy input; ``role`` is a trusted decision caller's asserted role."""
     principal = ex.principal
     assert principal is not None
     return {
         "tool": route.tool,
         "effect": route.effect,
         "mode": ex.mode.value,
-        "role": principal.role,
+        "role": role if role is not None else principal.role,
         "subject": groups["subject"],
         "args": groups["args"],
         "context": groups["context"],

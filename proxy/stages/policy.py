@@ -32,6 +32,7 @@ class PolicyStage:
             ex.degraded.append(Reason.OPA_UNAVAILABLE)
             return None
         if result.outcome is PolicyOutcome.ALLOW:
+            ex.allowed_outputs = result.allowed_outputs
             return None
         if result.outcome is PolicyOutcome.NEEDS_APPROVAL:
             return Verdict("NEEDS_APPROVAL", 403,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +51,7 @@ class RateRules:
     def __init__(self, rules: tuple[RateLimitRule, ...], budgets: tuple[BudgetRule, ...] = (),
                  clock: Callable[[], float] = time.time) -> None:
         self.by_tool: dict[str, list[RateLimitRule]] = {}
+        self._reasons = {rule.name: rule.reason for rule in rules if rule.reason}
         for rule in rules:
             for tool in rule.tools:
                 self.by_tool.setdefault(tool, []).append(rule)
@@ -59,6 +60,15 @@ class RateRules:
             for tool in budget.costs:
                 self.budgets_by_tool.setdefault(tool, []).append(budget)
         self.clock = clock
+
+    def reasons(self, rule_names: Iterable[str]) -> tuple[str, ...]:
+        """The violations the named rules report (``reason``), in order, once each."""
+        out: list[str] = []
+        for name in rule_names:
+            reason = self._reasons.get(name)
+            if reason is not None and reason not in out:
+                out.append(reason)
+        return tuple(out)
 
     def checks(self, ex: Exchange) -> list[RateCheck]:
         rules = self.by_tool.get(ex.tool)

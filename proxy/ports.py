@@ -54,6 +54,10 @@ class ClaimState(Enum):
     REPLAY = "replay"  # finished earlier with the same fingerprint
     IN_FLIGHT = "in_flight"  # same fingerprint, not finished yet
     MISMATCH = "mismatch"  # same key, different fingerprint
+    # finished earlier with the same fingerprint, but the embedded store's memory
+    # budget dropped the outcome (a tombstone remains until its TTL): never replayed
+    # and never forwarded again
+    EVICTED = "evicted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,8 @@ class AdmissionStore(Protocol):
     ``admit`` does, as one atomic step (one Redis round trip):
 
     1. when ``claim`` is given and its key exists: report REPLAY (with the
-       stored outcome), IN_FLIGHT or MISMATCH, and change nothing;
+       stored outcome), IN_FLIGHT, MISMATCH or EVICTED (the outcome was dropped
+       before its TTL, only its tombstone is left), and change nothing;
     2. when ``proceed`` is false (an in-process invariant already denies):
        report NEW and change nothing;
     3. when any check would exceed its limit (a GCRA rate limit, or a budget

@@ -189,7 +189,29 @@ class RedisConnection:
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("could not prepare Redis: %s: %s", type(exc).__name__, exc)
             return False
+        policy = await self.eviction_policy()
+        if policy is not None:
+            log.error("Redis may evict keys (maxmemory-policy %s with maxmemory set): a "
+                      "stored outcome evicted before its TTL lets a retry reach the upstream "
+                      "a second time; use maxmemory-policy noeviction (docs/state.md)", policy)
         return True
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` when it lets Redis evict keys, else ``None``.
+
+        ``None`` also when the server does not say (``CONFIG`` renamed or
+        refused, as on some managed services).
+        """
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.timeout_s * 5)):
+                reply = await self.client.config_get("maxmemory*")
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
+            return None
+        found = {_text(k): _text(v) for k, v in reply.items()} if isinstance(reply, dict) else {}
+        policy = found.get("maxmemory-policy", "noeviction")
+        if found.get("maxmemory", "0") in ("0", "") or policy == "noeviction":
+            return None
+        return policy
 
     async def ping(self) -> bool:
         try:

@@ -40,7 +40,7 @@ from proxy.audit.postgres import PostgresAuditSink
 from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
-from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
+from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore, ModeStateFile
 from proxy.envelope import envelope_response
 from proxy.forward import new_session
 from proxy.httpserver import TrafficServer
@@ -319,7 +319,9 @@ class Runtime:
                 if not await conn.prepare():
                     log.error("Redis is unreachable at startup: writes fail closed until it is")
                 state = RedisAdmissionStore(conn)
-                mode = mode_follow = RedisModeStore(conn, cfg.mode_default)
+                mode = mode_follow = RedisModeStore(
+                    conn, cfg.mode_default,
+                    ModeStateFile(cfg.mode_state_path) if cfg.mode_state_path else None)
                 await mode_follow.start()
                 backends = {"state": "redis", "audit": audit_kind, "policy": cfg.policy.engine}
                 log.warning("shared state on Redis%s; audit on %s (chain %r)",
@@ -598,7 +600,9 @@ class Runtime:
             return web.json_response({"error": "audit store unavailable; mode unchanged"},
                                      status=503)
         try:
-            await self.mode.set(new)
+            # false: a more restrictive mode accepted while Redis is unreachable; in force
+            # here, published once Redis answers (docs/state.md)
+            shared = await self.mode.set(new)
         except StoreUnavailable:
             reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
             with contextlib.suppress(AuditUnavailable):
@@ -606,8 +610,9 @@ class Runtime:
                                                           reasons))
             return web.json_response({"error": "shared state unavailable; mode unchanged",
                                       "reason_codes": list(reasons)}, status=503)
-        log.warning("mode changed %s -> %s", old.value, new.value)
-        return web.json_response({"mode": new.value, "previous": old.value})
+        log.warning("mode changed %s -> %s%s", old.value, new.value,
+                    "" if shared else " (this replica only until Redis answers)")
+        return web.json_response({"mode": new.value, "previous": old.value, "shared": shared})
 
     def _mode_record(self, request_id: str, old: Mode, new: Mode, decision: str,
                      status: int, reasons: tuple[str, ...]) -> dict[str, Any]:

@@ -149,12 +149,28 @@ class AdmissionStore(Protocol):
 # ------------------------------------------------------------ mode
 
 
+# how restrictive each mode is: a mode of a higher rank denies at least what a lower one does
+MODE_RANK = {Mode.ALLOW: 0, Mode.STEP_UP: 1, Mode.READ_ONLY: 2, Mode.KILL_SWITCH: 3}
+
+
+def stricter(a: Mode, b: Mode) -> Mode:
+    """The more restrictive of two modes."""
+    return a if MODE_RANK[a] >= MODE_RANK[b] else b
+
+
 class ModeStore(Protocol):
-    """Operator-controlled mode; ``current`` is a cached, non-blocking read."""
+    """Operator-controlled mode; ``current`` is a cached, non-blocking read.
+
+    ``set`` returns true once every replica will follow the change, false when
+    it took effect on this replica only for now (a mode at least as restrictive
+    as the current one, accepted while the shared store is unreachable and
+    published once it answers again); it raises :class:`StoreUnavailable`
+    when the change cannot be made at all.
+    """
 
     def current(self) -> Mode: ...
 
-    async def set(self, mode: Mode) -> None: ...
+    async def set(self, mode: Mode) -> bool: ...
 
 
 # ------------------------------------------------------------ policy

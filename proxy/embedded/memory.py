@@ -1,4 +1,4 @@
-"""Embedded (single-process) state: admission store and mode store.
+"""Embedded (single-process) state: admission store and mode store; the mode state file.
 
 Used when ``REDIS_URL`` is not set. Nothing is shared between replicas, which
 the proxy says at startup. Atomicity comes from the event loop: ``admit``
@@ -7,17 +7,25 @@ never awaits, so no other request interleaves with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
+import logging
+import os
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
 
 from proxy.config import Mode
 from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome
 
 Clock = Callable[[], float]
+log = logging.getLogger("casf.state")
 
 
 # what one entry costs beyond its stored body and headers (the key and
@@ -360,5 +368,68 @@ class MemoryModeStore:
     def current(self) -> Mode:
         return self._mode
 
-    async def set(self, mode: Mode) -> None:
+    async def set(self, mode: Mode) -> bool:
         self._mode = mode
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SavedMode:
+    """What the mode state file holds: the mode this replica enforces, and whether
+    it still has to be published to the shared store (``pending``)."""
+
+    mode: Mode
+    pending: bool
+
+
+class ModeStateFile:
+    """The replica's mode on local disk (``mode.state_path``), so that a mode set
+    while Redis is unreachable survives a restart before Redis is back.
+
+    One small JSON document, ``{"mode": "KILL_SWITCH", "pending": true}``,
+    replaced atomically: written to a temporary file in the same directory,
+    fsynced, renamed over the old one, and the directory fsynced. A reader thus
+    sees the old or the new document, never a torn one. The methods block
+    (file I/O): call them through ``asyncio.to_thread``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> SavedMode | None:
+        """The saved mode; ``None`` when there is none or it cannot be read (logged)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("cannot read the mode state file %s: %s", self.path, exc)
+            return None
+        try:
+            doc = orjson.loads(raw)
+            return SavedMode(Mode(doc["mode"]), doc["pending"] is True)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring the unreadable mode state file %s: %s", self.path, exc)
+            return None
+
+    def save(self, saved: SavedMode) -> None:
+        """Replace the file with ``saved``, durably; raises :class:`OSError`."""
+        data = orjson.dumps({"mode": saved.mode.value, "pending": saved.pending})
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

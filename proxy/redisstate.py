@@ -346,6 +346,7 @@ class RedisModeStore:
         self._mode = default
         self._default = default
         self._pending: Mode | None = None  # set locally, not yet published to Redis
+        self._adopted = False  # the pending mode came from another replica's state file
         self._state = state
         self._saved: SavedMode | None = None  # what the state file holds, as far as we know
         self._lock = asyncio.Lock()  # one change at a time: set, publish, adopt
@@ -368,22 +369,33 @@ class RedisModeStore:
                 if MODE_RANK[mode] < MODE_RANK[self._mode]:
                     raise  # lifting a restriction needs every replica to hear of it
                 self._mode = self._pending = mode
+                self._adopted = False
                 log.warning("Redis is unreachable: mode %s is in force on this replica only "
                             "and will be published once Redis answers", mode.value)
                 await self._save(SavedMode(mode, True))
                 return False
             self._mode = mode
             self._pending = None  # an operator's change through a live Redis replaces it
+            self._adopted = False
             await self._save(SavedMode(mode, False))
         with contextlib.suppress(StoreUnavailable):
             await self.conn.call(client.publish(self.channel, mode.value))
         return True
 
-    async def _save(self, saved: SavedMode) -> None:
-        """Keep ``saved`` in the state file; a failure is logged (the mode stays in force)."""
+    async def _save(self, saved: SavedMode, *, seen: bool = False) -> None:
+        """Keep ``saved`` in the state file; a failure is logged (the mode stays in force).
+
+        ``seen``: a mode read from Redis, which must not overwrite a more
+        restrictive mode another replica sharing the file has not published yet.
+        """
         if self._state is None or saved == self._saved:
             return
         try:
+            if seen:
+                there = await asyncio.to_thread(self._state.load)
+                if there is not None and there.pending and (
+                        MODE_RANK[there.mode] > MODE_RANK[saved.mode]):
+                    return
             await asyncio.to_thread(self._state.save, saved)
         except OSError as exc:
             log.error("cannot write the mode state file %s (mode %s stays in force but is "
@@ -405,7 +417,7 @@ class RedisModeStore:
             log.warning("mode changed to %s (shared state)", mode.value)
             self._mode = mode
         if self._pending is None:
-            await self._save(SavedMode(mode, False))
+            await self._save(SavedMode(mode, False), seen=True)
 
     async def _publish_pending(self) -> None:
         """Publish the pending mode by the merge rule, then forget it (once Redis holds
@@ -413,6 +425,14 @@ class RedisModeStore:
         pending = self._pending
         if pending is None:
             return
+        if self._adopted and self._state is not None:
+            # taken from a sibling's file: once the sibling has published it (the
+            # file says so), publishing it again could undo a relaxation made since
+            saved = await asyncio.to_thread(self._state.load)
+            if saved is None or not saved.pending:
+                self._pending = None
+                self._adopted = False
+                return
         client = self.conn.client
         held = _text(await self.conn.call(self.conn.publish_mode_script(
             keys=[self.key], args=[pending.value])))
@@ -421,6 +441,7 @@ class RedisModeStore:
                 await self.conn.call(client.publish(self.channel, pending.value))
         if self._pending is pending:
             self._pending = None
+            self._adopted = False
             log.warning("mode %s set while Redis was unreachable is published; Redis holds %s",
                         pending.value, held)
             await self._apply(held)
@@ -452,6 +473,7 @@ class RedisModeStore:
                 log.warning("mode %s from the mode state file (set while Redis is "
                             "unreachable) is in force", saved.mode.value)
                 self._mode = self._pending = saved.mode
+                self._adopted = True
                 self._saved = saved
 
     async def start(self) -> None:

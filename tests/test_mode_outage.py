@@ -235,3 +235,39 @@ def test_state_file_is_replaced_atomically_and_a_bad_one_is_ignored(
         with caplog.at_level(logging.ERROR, logger="casf.state"):
             assert f.load() is None
     assert sum("unreadable mode state file" in r.getMessage() for r in caplog.records) == 4
+
+
+async def test_a_sibling_does_not_overwrite_an_unpublished_stop_in_the_file(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A replica that reads a laxer mode from Redis keeps the shared file's pending
+    stop (its owner has not published it yet); once published, the file says so."""
+    path = tmp_path / "mode.json"
+    async with store(redis_server.url, path) as owner, store(redis_server.url, path) as sibling:
+        redis_server.stop()
+        assert await owner.set(Mode.KILL_SWITCH) is False
+        redis_server.start()
+        await set_key(redis_server.url, "READ_ONLY")
+        await sibling.refresh()  # the sibling reaches Redis before the owner does
+        assert sibling.current() is Mode.READ_ONLY
+        assert ModeStateFile(path).load() == SavedMode(Mode.KILL_SWITCH, True)
+        await owner.refresh()
+        assert await redis_mode(redis_server.url) == "KILL_SWITCH"
+        assert ModeStateFile(path).load() == SavedMode(Mode.KILL_SWITCH, False)
+
+
+async def test_an_adopted_stop_already_published_is_not_published_again(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A worker that took a sibling's stop from the file does not publish it once
+    the file says the sibling did: that would undo a relaxation made since."""
+    path = tmp_path / "mode.json"
+    redis_server.stop()
+    async with store(redis_server.url, path) as owner, store(redis_server.url, path) as other:
+        assert await owner.set(Mode.KILL_SWITCH) is False
+        await other._adopt_from_file()
+        assert other.current() is Mode.KILL_SWITCH and other.pending is Mode.KILL_SWITCH
+        redis_server.start()
+        await owner.refresh()  # published; then the operator lifts it through Redis
+        assert await owner.set(Mode.ALLOW) is True
+        await other.refresh()
+        assert other.current() is Mode.ALLOW and other.pending is None
+        assert await redis_mode(redis_server.url) == "ALLOW"

@@ -19,10 +19,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.config import Mode
+from proxy.config import Mode, load_config
 from proxy.embedded.memory import ModeStateFile, SavedMode
 from proxy.redisstate import RedisConnection, RedisModeStore, RedisSettings, _text
-from tests.conftest import ADMIN_TOKEN, Proxy
+from tests.conftest import ADMIN_TOKEN, Proxy, clinic_env, write_config
 from tests.servers import RedisServer
 
 APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
@@ -271,3 +271,11 @@ async def test_an_adopted_stop_already_published_is_not_published_again(
         await other.refresh()
         assert other.current() is Mode.ALLOW and other.pending is None
         assert await redis_mode(redis_server.url) == "ALLOW"
+
+
+def test_mode_state_path_is_configurable_relative_to_the_config(tmp_path: Path) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["mode"]["state_path"] = "state/mode.json"
+
+    cfg = load_config(write_config(tmp_path, patch), clinic_env("http://127.0.0.1:1", tmp_path))
+    assert cfg.mode_state_path == tmp_path / "state" / "mode.json"

@@ -41,7 +41,7 @@ from proxy.config import Config, Mode, load_config, rego_files
 from proxy.core import DecisionCore, trace_context
 from proxy.doors.decisions import DecisionDoors
 from proxy.doors.inline import InlineProxy
-from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore
+from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore, ModeStateFile
 from proxy.envelope import envelope_response
 from proxy.forward import UpstreamClient, new_upstream
 from proxy.httpserver import TrafficServer
@@ -185,6 +185,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
             changed.append(f"audit.{name.removesuffix('_s')}")
     if old.mode_default != new.mode_default:
         changed.append("mode.default")
+    if old.mode_state_path != new.mode_state_path:
+        changed.append("mode.state_path")
     return changed
 
 
@@ -331,7 +333,9 @@ class Runtime:
                 if not await conn.prepare():
                     log.error("Redis is unreachable at startup: writes fail closed until it is")
                 state = RedisAdmissionStore(conn)
-                mode = mode_follow = RedisModeStore(conn, cfg.mode_default)
+                mode = mode_follow = RedisModeStore(
+                    conn, cfg.mode_default,
+                    ModeStateFile(cfg.mode_state_path) if cfg.mode_state_path else None)
                 await mode_follow.start()
                 backends = {"state": "redis", "audit": audit_kind, "policy": cfg.policy.engine}
                 log.warning("shared state on Redis%s; audit on %s (chain %r)",
@@ -675,7 +679,9 @@ class Runtime:
                                         "audit store unavailable; mode unchanged",
                                         (("Retry-After", "1"),), tool=_SET_MODE)
         try:
-            await self.mode.set(new)
+            # false: a more restrictive mode accepted while Redis is unreachable; in force
+            # here, published once Redis answers (docs/state.md)
+            shared = await self.mode.set(new)
         except StoreUnavailable:
             reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
             with contextlib.suppress(AuditUnavailable):
@@ -684,8 +690,9 @@ class Runtime:
             return self._admin_envelope(request, 503, reasons,
                                         "shared state unavailable; mode unchanged",
                                         (("Retry-After", "1"),), tool=_SET_MODE)
-        log.warning("mode changed %s -> %s", old.value, new.value)
-        return web.json_response({"mode": new.value, "previous": old.value})
+        log.warning("mode changed %s -> %s%s", old.value, new.value,
+                    "" if shared else " (this replica only until Redis answers)")
+        return web.json_response({"mode": new.value, "previous": old.value, "shared": shared})
 
     def _mode_record(self, request_id: str, old: Mode, new: Mode, decision: str,
                      status: int, reasons: tuple[str, ...]) -> dict[str, Any]:

@@ -345,6 +345,7 @@ class Config:
     reload: ReloadConfig = ReloadConfig()
     decisions_listener: Listener | None = None
     decisions: DecisionsConfig = DecisionsConfig()
+    mode_state_path: Path | None = None  # mode.state_path (None only in hand-built configs)
 
     @property
     def replay_lease_s(self) -> float:
@@ -542,11 +543,16 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     identity = _identity(r, r.mapping(top.get("identity"), "identity"), base, env)
 
     mode_m = r.mapping(top.get("mode"), "mode")
-    r.known(mode_m, "mode", {"default"})
+    r.known(mode_m, "mode", {"default", "state_path"})
     mode_text = r.string(mode_m, "default", "mode", "ALLOW")
     if mode_text not in Mode.__members__:
         r.fail("mode.default", f"{mode_text!r} is not a mode", "one of: " + ", ".join(Mode))
     mode_default = Mode(mode_text)
+    # where a mode set while Redis is unreachable is kept (docs/state.md); default:
+    # casf-mode.json next to the embedded audit file, resolved below
+    mode_state = r.opt_string(mode_m, "state_path", "mode")
+    mode_state_path = None if mode_state is None else (
+        Path(mode_state) if Path(mode_state).is_absolute() else base / mode_state)
 
     rp = r.mapping(top.get("replay"), "replay")
     r.known(rp, "replay", {"request_id_headers", "ttl_seconds", "max_stored_body_bytes",
@@ -692,6 +698,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest, shutdown=shutdown, reload=reload,
         decisions_listener=decisions_listener, decisions=decisions,
+        mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
     )
 
 

@@ -54,6 +54,10 @@ class ClaimState(Enum):
     REPLAY = "replay"  # finished earlier with the same fingerprint
     IN_FLIGHT = "in_flight"  # same fingerprint, not finished yet
     MISMATCH = "mismatch"  # same key, different fingerprint
+    # finished earlier with the same fingerprint, but the embedded store's memory
+    # budget dropped the outcome (a tombstone remains until its TTL): never replayed
+    # and never forwarded again
+    EVICTED = "evicted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,8 @@ class AdmissionStore(Protocol):
     ``admit`` does, as one atomic step (one Redis round trip):
 
     1. when ``claim`` is given and its key exists: report REPLAY (with the
-       stored outcome), IN_FLIGHT or MISMATCH, and change nothing;
+       stored outcome), IN_FLIGHT, MISMATCH or EVICTED (the outcome was dropped
+       before its TTL, only its tombstone is left), and change nothing;
     2. when ``proceed`` is false (an in-process invariant already denies):
        report NEW and change nothing;
     3. when any check would exceed its limit (a GCRA rate limit, or a budget
@@ -144,12 +149,28 @@ class AdmissionStore(Protocol):
 # ------------------------------------------------------------ mode
 
 
+# how restrictive each mode is: a mode of a higher rank denies at least what a lower one does
+MODE_RANK = {Mode.ALLOW: 0, Mode.STEP_UP: 1, Mode.READ_ONLY: 2, Mode.KILL_SWITCH: 3}
+
+
+def stricter(a: Mode, b: Mode) -> Mode:
+    """The more restrictive of two modes."""
+    return a if MODE_RANK[a] >= MODE_RANK[b] else b
+
+
 class ModeStore(Protocol):
-    """Operator-controlled mode; ``current`` is a cached, non-blocking read."""
+    """Operator-controlled mode; ``current`` is a cached, non-blocking read.
+
+    ``set`` returns true once every replica will follow the change, false when
+    it took effect on this replica only for now (a mode at least as restrictive
+    as the current one, accepted while the shared store is unreachable and
+    published once it answers again); it raises :class:`StoreUnavailable`
+    when the change cannot be made at all.
+    """
 
     def current(self) -> Mode: ...
 
-    async def set(self, mode: Mode) -> None: ...
+    async def set(self, mode: Mode) -> bool: ...
 
 
 # ------------------------------------------------------------ policy

@@ -67,6 +67,8 @@ class Reason(StrEnum):
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"
+    # anti-replay: a finished request's outcome dropped by the embedded store's budget
+    REPLAY_OUTCOME_EVICTED = "Inv_ReplayOutcomeEvicted"
 
 
 def missing_attribute(name: str) -> str:

@@ -43,7 +43,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.config import Mode
-from proxy.ports import Admission, Claim, ClaimState, RateCheck, StoredOutcome, StoreUnavailable
+from proxy.embedded.memory import ModeStateFile, SavedMode
+from proxy.ports import (
+    MODE_RANK,
+    Admission,
+    Claim,
+    ClaimState,
+    RateCheck,
+    StoredOutcome,
+    StoreUnavailable,
+    stricter,
+)
 from proxy.tasks import spawn
 
 log = logging.getLogger("casf.redis")
@@ -115,6 +125,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
 """
 
+# the merge rule for a mode set while Redis was unreachable: it is written unless
+# Redis already holds a mode at least as restrictive; answers the mode Redis holds
+PUBLISH_MODE = """
+local rank = {ALLOW = 0, STEP_UP = 1, READ_ONLY = 2, KILL_SWITCH = 3}
+local cur = redis.call('GET', KEYS[1])
+if cur and rank[cur] and rank[cur] >= rank[ARGV[1]] then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
 RELEASE = """
 local cur = redis.call('HMGET', KEYS[1], 'st', 'fp')
 if cur[1] == 'P' and cur[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -156,6 +176,7 @@ class RedisConnection:
         self.admit_script = self.client.register_script(ADMIT)
         self.complete_script = self.client.register_script(COMPLETE)
         self.release_script = self.client.register_script(RELEASE)
+        self.publish_mode_script = self.client.register_script(PUBLISH_MODE)
 
     async def call(self, coro: Awaitable[T]) -> T:
         try:
@@ -184,12 +205,35 @@ class RedisConnection:
             async with asyncio.timeout(max(2.0, self.settings.timeout_s * 10)):
                 if self.settings.cluster:
                     await self.client.initialize()
-                for script in (self.admit_script, self.complete_script, self.release_script):
+                for script in (self.admit_script, self.complete_script, self.release_script,
+                               self.publish_mode_script):
                     await self.client.script_load(script.script)
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.warning("could not prepare Redis: %s: %s", type(exc).__name__, exc)
             return False
+        policy = await self.eviction_policy()
+        if policy is not None:
+            log.error("Redis may evict keys (maxmemory-policy %s with maxmemory set): a "
+                      "stored outcome evicted before its TTL lets a retry reach the upstream "
+                      "a second time; use maxmemory-policy noeviction (docs/state.md)", policy)
         return True
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` when it lets Redis evict keys, else ``None``.
+
+        ``None`` also when the server does not say (``CONFIG`` renamed or
+        refused, as on some managed services).
+        """
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.timeout_s * 5)):
+                reply = await self.client.config_get("maxmemory*")
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
+            return None
+        found = {_text(k): _text(v) for k, v in reply.items()} if isinstance(reply, dict) else {}
+        policy = found.get("maxmemory-policy", "noeviction")
+        if found.get("maxmemory", "0") in ("0", "") or policy == "noeviction":
+            return None
+        return policy
 
     async def ping(self) -> bool:
         try:
@@ -278,28 +322,88 @@ class RedisModeStore:
     follows changes by pub/sub (standalone Redis) and re-reads the key every
     ``mode_refresh_ms``; while Redis is unreachable (at start too) the last
     mode is kept and the task retries, backing off up to ``RETRY_MAX_S``.
+
+    The emergency stop works without Redis: ``set`` with a mode at least as
+    restrictive as the current one (ALLOW < STEP_UP < READ_ONLY < KILL_SWITCH)
+    takes effect on this replica when Redis is unreachable, is kept in the
+    mode state file (``state``) as *pending*, and is published once Redis
+    answers again, unless Redis then holds a mode at least as restrictive
+    (the merge rule: the more restrictive mode wins; see :data:`PUBLISH_MODE`).
+    A less restrictive mode still needs Redis. Every mode this replica
+    enforces is saved to the file, so a restart while Redis is down starts
+    from it (or from ``mode.default``, whichever is more restrictive).
+    Replicas sharing the file (``--workers``) adopt a pending mode found there
+    while Redis is unreachable.
     """
 
     RETRY_MAX_S = 1.0  # the longest wait between two attempts while Redis is down
 
-    def __init__(self, conn: RedisConnection, default: Mode) -> None:
+    def __init__(self, conn: RedisConnection, default: Mode,
+                 state: ModeStateFile | None = None) -> None:
         self.conn = conn
         self.key = f"{conn.settings.key_prefix}:{{mode}}:current"
         self.channel = f"{conn.settings.key_prefix}:{{mode}}:changes"
         self._mode = default
+        self._default = default
+        self._pending: Mode | None = None  # set locally, not yet published to Redis
+        self._adopted = False  # the pending mode came from another replica's state file
+        self._state = state
+        self._saved: SavedMode | None = None  # what the state file holds, as far as we know
+        self._lock = asyncio.Lock()  # one change at a time: set, publish, adopt
         self._task: asyncio.Task[None] | None = None
 
     def current(self) -> Mode:
         return self._mode
 
-    async def set(self, mode: Mode) -> None:
-        client = self.conn.client
-        await self.conn.call(client.set(self.key, mode.value))
-        self._mode = mode
+    @property
+    def pending(self) -> Mode | None:
+        """A mode in force here that Redis does not hold yet."""
+        return self._pending
+
+    async def set(self, mode: Mode) -> bool:
+        async with self._lock:
+            client = self.conn.client
+            try:
+                await self.conn.call(client.set(self.key, mode.value))
+            except StoreUnavailable:
+                if MODE_RANK[mode] < MODE_RANK[self._mode]:
+                    raise  # lifting a restriction needs every replica to hear of it
+                self._mode = self._pending = mode
+                self._adopted = False
+                log.warning("Redis is unreachable: mode %s is in force on this replica only "
+                            "and will be published once Redis answers", mode.value)
+                await self._save(SavedMode(mode, True))
+                return False
+            self._mode = mode
+            self._pending = None  # an operator's change through a live Redis replaces it
+            self._adopted = False
+            await self._save(SavedMode(mode, False))
         with contextlib.suppress(StoreUnavailable):
             await self.conn.call(client.publish(self.channel, mode.value))
+        return True
 
-    def _apply(self, raw: Any) -> None:
+    async def _save(self, saved: SavedMode, *, seen: bool = False) -> None:
+        """Keep ``saved`` in the state file; a failure is logged (the mode stays in force).
+
+        ``seen``: a mode read from Redis, which must not overwrite a more
+        restrictive mode another replica sharing the file has not published yet.
+        """
+        if self._state is None or saved == self._saved:
+            return
+        try:
+            if seen:
+                there = await asyncio.to_thread(self._state.load)
+                if there is not None and there.pending and (
+                        MODE_RANK[there.mode] > MODE_RANK[saved.mode]):
+                    return
+            await asyncio.to_thread(self._state.save, saved)
+        except OSError as exc:
+            log.error("cannot write the mode state file %s (mode %s stays in force but is "
+                      "not kept across a restart): %s", self._state.path, saved.mode.value, exc)
+            return
+        self._saved = saved
+
+    async def _apply(self, raw: Any) -> None:
         if raw is None:
             return
         try:
@@ -307,23 +411,81 @@ class RedisModeStore:
         except ValueError:
             log.error("ignoring unknown mode %r in Redis", raw)
             return
+        if self._pending is not None and MODE_RANK[mode] < MODE_RANK[self._pending]:
+            return  # not published yet: a laxer mode seen meanwhile must not lift it
         if mode is not self._mode:
             log.warning("mode changed to %s (shared state)", mode.value)
             self._mode = mode
+        if self._pending is None:
+            await self._save(SavedMode(mode, False), seen=True)
+
+    async def _publish_pending(self) -> None:
+        """Publish the pending mode by the merge rule, then forget it (once Redis holds
+        it or a more restrictive one)."""
+        pending = self._pending
+        if pending is None:
+            return
+        if self._adopted and self._state is not None:
+            # taken from a sibling's file: once the sibling has published it (the
+            # file says so), publishing it again could undo a relaxation made since
+            saved = await asyncio.to_thread(self._state.load)
+            if saved is None or not saved.pending:
+                self._pending = None
+                self._adopted = False
+                return
+        client = self.conn.client
+        held = _text(await self.conn.call(self.conn.publish_mode_script(
+            keys=[self.key], args=[pending.value])))
+        if held == pending.value:
+            with contextlib.suppress(StoreUnavailable):
+                await self.conn.call(client.publish(self.channel, pending.value))
+        if self._pending is pending:
+            self._pending = None
+            self._adopted = False
+            log.warning("mode %s set while Redis was unreachable is published; Redis holds %s",
+                        pending.value, held)
+            await self._apply(held)
 
     async def refresh(self) -> None:
         """Re-read the shared mode; an empty key is seeded with the last mode seen.
 
-        A Redis restart without persistence empties the key: seeding it with the
-        config default would silently lift a KILL_SWITCH or READ_ONLY set by an
-        operator, so the first replica back puts the mode it last saw instead
-        (the default only for a replica that never saw another).
+        A pending mode is published first (merge rule). A Redis restart without
+        persistence empties the key: seeding it with the config default would
+        silently lift a KILL_SWITCH or READ_ONLY set by an operator, so the first
+        replica back puts the mode it last saw instead (the default only for a
+        replica that never saw another).
         """
-        client = self.conn.client
-        await self.conn.call(client.set(self.key, self._mode.value, nx=True))
-        self._apply(await self.conn.call(client.get(self.key)))
+        async with self._lock:
+            client = self.conn.client
+            await self._publish_pending()
+            await self.conn.call(client.set(self.key, self._mode.value, nx=True))
+            await self._apply(await self.conn.call(client.get(self.key)))
+
+    async def _adopt_from_file(self) -> None:
+        """Take on a pending mode another replica sharing the state file left there."""
+        if self._state is None:
+            return
+        saved = await asyncio.to_thread(self._state.load)
+        if saved is None or not saved.pending:
+            return
+        async with self._lock:
+            if MODE_RANK[saved.mode] > MODE_RANK[self._mode]:
+                log.warning("mode %s from the mode state file (set while Redis is "
+                            "unreachable) is in force", saved.mode.value)
+                self._mode = self._pending = saved.mode
+                self._adopted = True
+                self._saved = saved
 
     async def start(self) -> None:
+        if self._state is not None:
+            saved = await asyncio.to_thread(self._state.load)
+            if saved is not None:
+                self._saved = saved
+                self._mode = stricter(saved.mode, self._default)
+                if saved.pending:
+                    self._pending = saved.mode
+                    log.warning("mode %s was set while Redis was unreachable and is not "
+                                "published yet: in force here until it is", saved.mode.value)
         missed = False
         try:
             await self.refresh()
@@ -345,9 +507,11 @@ class RedisModeStore:
         Any failure (Redis down, a pub/sub connection lost or never made,
         whatever redis-py raises) keeps the last mode, is logged once per
         outage and is retried after a delay doubling from ``mode_refresh_s``
-        up to ``RETRY_MAX_S``. A failed subscription is dropped and made afresh
-        once Redis answers, then the key is re-read (``missed``: a change may
-        have been published while nothing listened).
+        up to ``RETRY_MAX_S``; meanwhile the state file is read for a pending
+        mode another replica left there. A failed subscription is dropped and
+        made afresh once Redis answers, then the key is re-read (``missed``: a
+        change may have been published while nothing listened) after the
+        pending mode, if any, is published.
         """
         interval = self.conn.settings.mode_refresh_s
         subscribe = not self.conn.settings.cluster
@@ -362,6 +526,8 @@ class RedisModeStore:
                         if missed:
                             await self.refresh()
                     missed = False
+                    if self._pending is not None:
+                        await self.refresh()
                     if pubsub is None:
                         await asyncio.sleep(interval)
                         await self.refresh()
@@ -374,7 +540,8 @@ class RedisModeStore:
                             pubsub = None
                             raise
                         if msg is not None and msg.get("type") == "message":
-                            self._apply(msg.get("data"))
+                            async with self._lock:
+                                await self._apply(msg.get("data"))
                         else:
                             await self.refresh()
                 except Exception as exc:  # CancelledError is a BaseException: it stops us
@@ -383,6 +550,8 @@ class RedisModeStore:
                         outage = True
                         log.warning("mode follower: Redis unavailable (%s: %s); keeping mode "
                                     "%s, retrying", type(exc).__name__, exc, self._mode.value)
+                    with contextlib.suppress(Exception):
+                        await self._adopt_from_file()
                     await asyncio.sleep(delay)  # keep the last mode; try again
                     delay = min(delay * 2, self.RETRY_MAX_S)
                 else:

@@ -37,15 +37,23 @@ async def fill(store: MemoryAdmissionStore, n: int, start: int = 0) -> None:
 
 async def test_oldest_finished_outcomes_are_evicted_within_the_budget() -> None:
     evicted: list[int] = []
+    forgotten: list[int] = []
     budget = 50 * (ENTRY_OVERHEAD + 200)
-    store = MemoryAdmissionStore(Clock(), max_bytes=budget, on_evict=lambda: evicted.append(1))
+    store = MemoryAdmissionStore(Clock(), max_bytes=budget, on_evict=lambda: evicted.append(1),
+                                 on_forget=lambda: forgotten.append(1))
     await fill(store, 500)
     assert store.stored_bytes <= budget
-    assert 40 <= len(store) <= 50
+    assert 30 <= len(store) <= 50
     assert len(evicted) == 500 - len(store)
-    # the newest outcomes are still replayed; the oldest are gone (evaluated afresh)
+    assert len(forgotten) == len(evicted) - store.tombstones > 0
+    # the newest outcomes are still replayed
     newest = await store.admit("scope", claim(499), (), True)
     assert newest.claim_state is ClaimState.REPLAY and newest.outcome == OUTCOME
+    # the most recently evicted ones left a tombstone: answered, never claimed anew
+    last_evicted = 500 - len(store) - 1
+    tomb = await store.admit("scope", claim(last_evicted), (), True)
+    assert tomb.claim_state is ClaimState.EVICTED and not tomb.claimed
+    # the oldest tombstones were dropped too: that id is evaluated afresh
     oldest = await store.admit("scope", claim(0), (), True)
     assert oldest.claim_state is ClaimState.NEW and oldest.claimed
 
@@ -86,7 +94,7 @@ async def test_released_and_expired_entries_give_their_bytes_back() -> None:
 
 
 async def test_budget_through_the_proxy(make_proxy: Any) -> None:
-    """A 1 MB budget: the earliest writes are evaluated afresh, the latest replayed."""
+    """A 1 MB budget: the latest writes are replayed, the earliest refused (409)."""
     def patch(d: dict[str, Any]) -> None:
         d.setdefault("replay", {})["memory_max_mb"] = 1
 
@@ -105,12 +113,13 @@ async def test_budget_through_the_proxy(make_proxy: Any) -> None:
         metrics = await p.metrics()
         evicted = float(re.search(r"^casf_replay_evicted_total (\S+)$", metrics, re.M)[1])
         assert evicted > 0
-        # the latest write is replayed; the first one was dropped and reaches the upstream
+        # the latest write is replayed; the first one's outcome was dropped, and its
+        # retry is refused rather than delivered a second time
         status, headers, _ = await p.call("POST", "/appointments", rid=f"budget-{n - 1}",
                                           json={"patient_id": "p1", "slot": f"s{n - 1}"})
         assert status == 201 and headers.get("Idempotent-Replayed") == "true"
         assert len(p.upstream.seen) == n
-        status, headers, _ = await p.call("POST", "/appointments", rid="budget-0",
+        status, headers, body = await p.call("POST", "/appointments", rid="budget-0",
                                           json={"patient_id": "p1", "slot": "s0"})
-        assert status == 201 and "Idempotent-Replayed" not in headers
-        assert len(p.upstream.seen) == n + 1
+        assert status == 409 and b"Inv_ReplayOutcomeEvicted" in body
+        assert len(p.upstream.seen) == n

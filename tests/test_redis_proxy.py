@@ -214,15 +214,16 @@ async def test_mode_switch_reaches_other_process_within_a_second(
             assert a.stop() == 0
 
 
-async def test_mode_change_needs_redis(redis_proxy: Any, redis_server: RedisServer) -> None:
+async def test_mode_relaxation_needs_redis(redis_proxy: Any, redis_server: RedisServer) -> None:
     async with redis_proxy() as p:
+        await p.set_mode("READ_ONLY")
         redis_server.stop()
-        async with p.session.put(p.admin + "/admin/mode", json={"mode": "KILL_SWITCH"},
+        async with p.session.put(p.admin + "/admin/mode", json={"mode": "ALLOW"},
                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
             assert r.status == 503
             body = await r.json()
             assert body["reason_codes"] == ["FAIL_CLOSED", "Inv_ModeStoreUnavailable"]
-        assert p.rt.mode.current().value == "ALLOW"
+        assert p.rt.mode.current().value == "READ_ONLY"
         redis_server.start()
 
 

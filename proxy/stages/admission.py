@@ -9,7 +9,8 @@ consuming anything for a request the invariants deny (see
 :class:`proxy.ports.AdmissionStore`).
 
 Denies: 400 when a write has no request id or an id is invalid; 409
-``Inv_ReplayConcurrent`` / ``Inv_ReplayPayloadMismatch``; 403 from the
+``Inv_ReplayConcurrent`` / ``Inv_ReplayPayloadMismatch`` /
+``Inv_ReplayOutcomeEvicted``; 403 from the
 invariants; 429 ``RateLimit_Exceeded`` or ``Budget_Exceeded`` with
 ``Retry-After`` (a budget's is the time left in its period); 503
 ``FAIL_CLOSED`` + ``Inv_ReplayCheckUnavailable`` (or
@@ -96,6 +97,12 @@ class AdmissionStage:
         if state is ClaimState.IN_FLIGHT:
             return Verdict("DENY", 409, (Reason.REPLAY_CONCURRENT,),
                            "a request with this id is still being processed")
+        if state is ClaimState.EVICTED:
+            # finished once already; its outcome is gone, so neither a replay nor a
+            # second delivery: the caller must decide whether to send it anew
+            return Verdict("DENY", 409, (Reason.REPLAY_OUTCOME_EVICTED,),
+                           "the outcome of this request id is no longer stored; "
+                           "use a new request id")
         if state is ClaimState.MISMATCH:
             self.metrics.replay_mismatch.inc()
             return Verdict("DENY", 409, (Reason.REPLAY_MISMATCH,),

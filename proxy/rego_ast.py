@@ -68,6 +68,12 @@ def parse_module(file: str, text: str, rego_v0: bool) -> Module:
     del engine
     ast = doc[0]["ast"]
     source = text.encode()
+    for node in _nodes(ast, "UnaryExpr"):
+        if _only(node["expr"])[0] != "Number":
+            raise RegoSyntaxError(
+                f"{file}:{node['span']['line']}: unary minus on an expression "
+                "(`-x`) is an evaluation error in the in-process engine, on every "
+                "request; write `0 - x`")
     package = _ref_path(ast["package"]["refr"])
     if package is None or not package:
         raise RegoSyntaxError(f"{file}: the package line is not a plain name")
@@ -87,6 +93,18 @@ def parse_module(file: str, text: str, rego_v0: bool) -> Module:
         else:
             aliases.add(imported[-1])
     return Module(file, source, ast, tuple(package), tuple(rules), frozenset(aliases))
+
+
+def _nodes(node: Any, kind: str) -> Iterator[dict[str, Any]]:
+    """Every ``kind`` node's body below ``node``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == kind and isinstance(value, dict):
+                yield value
+            yield from _nodes(value, kind)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _nodes(value, kind)
 
 
 def _ref_path(node: dict[str, Any]) -> list[str] | None:

@@ -275,3 +275,20 @@ def test_rego_negation_tests_pass_in_v0() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS: 6/6" in res.stdout
     assert policy_test(str(REGO / "negation_v0")).returncode == 1  # v0 needs the flag
+
+
+@pytest.mark.parametrize(("rule", "line"), [
+    ("p := -input.n", 3),
+    ("p if {\n\tx := input.n\n\ty := -x\n\ty < 0\n}", 5),
+])
+def test_unary_minus_on_an_expression_is_refused(tmp_path: Path, rule: str, line: int) -> None:
+    """regorus fails every evaluation of `-x` (OPA computes it): refuse it at load."""
+    f = tmp_path / "neg.rego"
+    f.write_text(f"package t\nimport rego.v1\n{rule}\n")
+    with pytest.raises(PolicyLoadError, match=rf"neg\.rego:{line}: unary minus .* `0 - x`"):
+        new_engine((f,), False)
+
+
+def test_negative_literals_load(tmp_path: Path) -> None:
+    text = "package t\nimport rego.v1\np := [-1, -(2), 3 - -1, 0 - input.n]\n"
+    assert evaluate(tmp_path, text, "data.t.p", {"n": 4}) == [-1, -2, 4, -4]

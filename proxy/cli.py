@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace, env: Environment) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, env: Environment) -> int:
-    from proxy.policy_regorus import PolicyLoadError, RegorusEngine
+    from proxy.policy_regorus import PolicyLoadError, PolicyQueryError, RegorusEngine
 
     try:
         cfg = _config(args, env)
@@ -139,7 +139,11 @@ def cmd_validate(args: argparse.Namespace, env: Environment) -> int:
             return EXIT_FAILED
         raise
     try:
-        RegorusEngine(cfg.policy)
+        if cfg.policy.files:  # an external OPA without a local copy has nothing to check
+            RegorusEngine(cfg.policy).close()
+    except PolicyQueryError as exc:
+        print(f"casf-proxy validate: policy cannot decide: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except PolicyLoadError as exc:
         print(f"casf-proxy validate: policy does not compile: {exc}", file=sys.stderr)
         return EXIT_FAILED

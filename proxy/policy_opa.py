@@ -16,6 +16,16 @@ Failures and what they mean:
   no such package loaded) or whose ``result`` is not a decision document:
   the engine *answered* something unusable → deny with ``Policy_BadResult``,
   exactly like the in-process engine (counted as ``bad_response``).
+
+OPA loads its policies itself, so the proxy cannot refuse them at load as it
+does its own bundle. Instead, at startup and on every ``/healthz``, it asks
+OPA for the decision document (``GET {url}/v1/data/{path}``, no input): when
+OPA answers that the document is undefined (no ``result``: the package is
+not loaded or is named differently) or that it is not an object, the
+problem is logged and ``/healthz`` reports ``policy: unavailable`` (503), so
+a load balancer keeps traffic away from a proxy whose every request would
+be ``Policy_BadResult``. OPA that cannot be reached at startup is not fatal
+(it may still be starting); the same health check reports it.
 """
 
 from __future__ import annotations
@@ -64,6 +74,10 @@ class OpaEngine:
     @property
     def policy_hash(self) -> str:
         return self._hash
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.pool_size,
@@ -120,15 +134,39 @@ class OpaEngine:
         return result
 
     async def healthy(self) -> bool:
-        """OPA's own ``GET /health`` (readiness)."""
+        """OPA's own ``GET /health`` (readiness), and the decision document exists."""
+        return await self.problem() is None
+
+    async def problem(self) -> str | None:
+        """Why OPA cannot decide now (unreachable, not ready, no such document), or None."""
         if self._session is None:
-            return False
+            return "engine not started"
         try:
             async with asyncio.timeout(max(self.cfg.timeout_s, 1.0)):
-                async with self._session.get(f"{self.cfg.url}/health") as resp:
-                    return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+                async with self._session.get(f"{self.cfg.url}/health",
+                                             allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        return f"GET /health answered HTTP {resp.status}"
+                async with self._session.get(self._endpoint, allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        return f"GET /v1/data/{self.cfg.path} answered HTTP {resp.status}"
+                    body = await read_capped(resp.content, MAX_RESPONSE_BYTES)
+        except TimeoutError:
+            return "no answer in time"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"cannot reach OPA ({type(exc).__name__})"
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return f"GET /v1/data/{self.cfg.path} did not answer JSON"
+        if not isinstance(doc, dict) or "result" not in doc:
+            return (f"the decision document data.{self.cfg.path.replace('/', '.')} is "
+                    "undefined in OPA: no loaded policy defines it (check the package name "
+                    "and policy.opa.path)")
+        if not isinstance(doc["result"], dict):
+            return (f"the decision document data.{self.cfg.path.replace('/', '.')} is not "
+                    "an object with allow")
+        return None
 
 
 @contextlib.asynccontextmanager
@@ -145,6 +183,10 @@ async def open_policy_engine(cfg: PolicyConfig, metrics: Metrics
     assert cfg.opa is not None
     engine = OpaEngine(cfg.opa, cfg.policy_hash, metrics)
     await engine.start()
+    problem = await engine.problem()
+    if problem is not None:  # not fatal: OPA may load its bundle later; /healthz says so
+        log.error("OPA cannot decide yet (%s): %s; /healthz reports policy: unavailable "
+                  "until it can", engine.endpoint, problem)
     try:
         yield engine
     finally:

@@ -15,10 +15,15 @@ import regorus
 from proxy.config import PolicyConfig
 from proxy.ports import PolicyOutcome, PolicyResult
 from proxy.reasons import Reason
+from proxy.rego_ast import Module, RegoSyntaxError, parse_module, query_problem, rewrite_negations
 
 
 class PolicyLoadError(Exception):
     """A policy file does not compile; the message names the file and line."""
+
+
+class PolicyQueryError(PolicyLoadError):
+    """The policy compiles but ``policy.query`` can never produce a decision from it."""
 
 
 def rego_error(exc: BaseException) -> str:
@@ -26,15 +31,54 @@ def rego_error(exc: BaseException) -> str:
     return str(exc).split("Stack backtrace:", 1)[0].strip()
 
 
-def new_engine(files: tuple[Any, ...], rego_v0: bool) -> Any:
+def load_modules(files: tuple[Any, ...], rego_v0: bool) -> list[Module]:
+    """Parse every file; raises :class:`PolicyLoadError` naming the file and line."""
+    modules = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyLoadError(f"{f}: cannot read: {exc}") from exc
+        try:
+            modules.append(parse_module(str(f), text, rego_v0))
+        except RuntimeError as exc:
+            raise PolicyLoadError(f"{f}: {rego_error(exc)}") from exc
+        except RegoSyntaxError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+    return modules
+
+
+def new_engine(files: tuple[Any, ...], rego_v0: bool, query: str | None = None) -> Any:
+    """An engine holding ``files``, evaluating as OPA does (docs/policy-engine.md).
+
+    Negated expressions are given the guards OPA's compiler would add
+    (:func:`proxy.rego_ast.rewrite_negations`). With ``query``, a bundle that
+    cannot answer it (no such document, or no ``allow`` in it) is refused with
+    :class:`PolicyQueryError`.
+    """
+    modules = load_modules(files, rego_v0)
+    if query is not None:
+        problem = query_problem(modules, query)
+        if problem is not None:
+            raise PolicyQueryError(problem)
+    rules: dict[tuple[str, ...], set[str]] = {}
+    for m in modules:
+        rules.setdefault(m.package, set()).update(r[0] for r in m.rules)
     engine = regorus.Engine()
     if rego_v0:
         engine.set_rego_v0(True)
-    for f in files:
+    for m in modules:
         try:
-            engine.add_policy_from_file(str(f))
-        except RuntimeError as exc:
-            raise PolicyLoadError(f"{f}: {rego_error(exc)}") from exc
+            source = rewrite_negations(m, frozenset(rules[m.package]))
+        except RegoSyntaxError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+        try:
+            engine.add_policy(m.file, source.decode())
+        except RuntimeError as exc:  # the original parsed: the guards are at fault
+            raise PolicyLoadError(
+                f"{m.file}: cannot add OPA's guards to a negated expression "
+                f"({rego_error(exc)}); move each operand of `not` into a variable first, "
+                "e.g. `x := input.x` and then `not x in s`") from exc
     return engine
 
 
@@ -109,7 +153,7 @@ class RegorusEngine:
     """
 
     def __init__(self, cfg: PolicyConfig) -> None:
-        self._engine = new_engine(cfg.files, cfg.rego_v0)
+        self._engine = new_engine(cfg.files, cfg.rego_v0, cfg.query)
         self._query = cfg.query
         self._hash = cfg.policy_hash
         self._cache: OrderedDict[bytes, PolicyResult] = OrderedDict()

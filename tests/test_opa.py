@@ -84,11 +84,24 @@ async def run_opa() -> AsyncIterator[FakeOpa]:
             return web.json_response({})  # OPA: an undefined document has no "result"
         return web.json_response({"result": raw["result"][0]["expressions"][0]["value"]})
 
+    async def document(request: web.Request) -> web.Response:
+        # GET /v1/data/{path}: the document without input (the proxy's health check)
+        if state.behaviour == "undefined":
+            return web.json_response({})
+        engine = holder["engine"]
+        engine.set_input_json("{}")
+        query = "data." + request.match_info["path"].replace("/", ".")
+        raw = orjson.loads(engine.eval_query_as_json(query))
+        if not raw.get("result"):
+            return web.json_response({})
+        return web.json_response({"result": raw["result"][0]["expressions"][0]["value"]})
+
     async def health(_: web.Request) -> web.Response:
         return web.json_response({})
 
     app = web.Application()
     app.router.add_post("/v1/data/{path:.+}", data)
+    app.router.add_get("/v1/data/{path:.+}", document)
     app.router.add_get("/health", health)
     state.runner = web.AppRunner(app, access_log=None)
     await state.runner.setup()

@@ -57,6 +57,16 @@ class Reason(StrEnum):
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"
+    # human approval (docs/approvals.md)
+    APPROVAL_DENIED = "Approval_Denied"
+    APPROVAL_SELF = "Approval_SelfApproval"
+    APPROVAL_NOT_PENDING = "Approval_NotPending"
+    APPROVAL_NOT_FOUND = "Approval_NotFound"
+    APPROVAL_NOT_APPROVER = "Approval_NotApprover"
+    APPROVAL_STORE_UNAVAILABLE = "Approval_StoreUnavailable"
+    INVALID_APPROVAL_ID = "BadRequest_InvalidApprovalId"
+    INVALID_COMMENT = "BadRequest_InvalidComment"
+    CONSOLE_CSRF = "Console_CsrfInvalid"
 
 
 def missing_attribute(name: str) -> str:

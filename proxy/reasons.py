@@ -66,6 +66,7 @@ class Reason(StrEnum):
     APPROVAL_STORE_UNAVAILABLE = "Approval_StoreUnavailable"
     INVALID_APPROVAL_ID = "BadRequest_InvalidApprovalId"
     INVALID_COMMENT = "BadRequest_InvalidComment"
+    INVALID_FILTER = "BadRequest_InvalidFilter"
     CONSOLE_CSRF = "Console_CsrfInvalid"
 
 

@@ -136,11 +136,11 @@ class ApproverApi:
         try:
             status = Status(raw_status) if raw_status else None
         except ValueError:
-            return self._envelope(Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
+            return self._envelope(Verdict("DENY", 400, (Reason.INVALID_FILTER,),
                                           "status must be one of: " + ", ".join(Status),
                                           shadowable=False), request, trace_id)
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
-            return self._envelope(Verdict("DENY", 400, (Reason.AMBIGUOUS_REQUEST,),
+            return self._envelope(Verdict("DENY", 400, (Reason.INVALID_FILTER,),
                                           "limit must be 1-500", shadowable=False),
                                   request, trace_id)
         try:

@@ -149,3 +149,24 @@ async def approvals_env(tmp: Path, *, store: ApprovalStore | None = None,
                 await svc.close()
                 if not env.audit_closed:
                     await sink.close()
+
+
+def with_console(mode: Callable[[], str] = lambda: "STEP_UP", *, ttl_s: float = 900.0,
+                 session_clock: Callable[[], float] = time.monotonic
+                 ) -> Callable[[Env, web.Application], None]:
+    """A ``build`` for :func:`approvals_env` that serves the console (SQLite audit view)."""
+    from proxy.approvals.api import api_key_header
+    from proxy.console.app import ConsoleDeps, add_console
+    from proxy.console.auditview import SqliteAuditView
+
+    def build(env: Env, app: web.Application) -> None:
+        from proxy.approvals.api import identity_authenticator
+        deps = ConsoleDeps(approvals=lambda: env.approvals,
+                           authenticate=identity_authenticator(lambda: env.identity),
+                           api_key_header=lambda: api_key_header(env.identity),
+                           audit=SqliteAuditView(env.audit_path), mode=mode,
+                           policy_hash=lambda: POLICY_HASH, session_ttl_s=ttl_s,
+                           cookie_secure=False, session_clock=session_clock)
+        add_console(app, deps)
+
+    return build

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from proxy.approvals import model
 from proxy.approvals.model import Approver, Status
@@ -35,8 +36,9 @@ from proxy.ports import AuditUnavailable, StoreUnavailable
 from proxy.reasons import Reason
 from proxy.stages.authenticate import AuthenticateStage
 
-Authenticate = Callable[[web.Request], Awaitable[Principal | Verdict]]
-"""Who is asking: the principal, or the 401 verdict to answer with."""
+Authenticate = Callable[[CIMultiDictProxy[str], str], Awaitable[Principal | Verdict]]
+"""Who is asking, from the request headers and the TCP peer address: the principal, or
+the 401 verdict to answer with."""
 
 MAX_BODY = 4096
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -54,11 +56,9 @@ def identity_authenticator(identity: Callable[[], Identity]) -> Authenticate:
     """Authenticate an admin-listener request with the proxy's identity (as the traffic
     listener does). ``identity`` returns the current one, so a config reload applies."""
 
-    async def authenticate(request: web.Request) -> Principal | Verdict:
-        ex = Exchange(method=request.method, target=Target(request.path, request.query_string),
-                      headers=request.headers, peer=request.remote or "",
-                      scheme=request.scheme, host=request.host,
-                      trace_id=trace_id_of(request.headers), traceparent="")
+    async def authenticate(headers: CIMultiDictProxy[str], peer: str) -> Principal | Verdict:
+        ex = Exchange(method="GET", target=Target("/", ""), headers=headers, peer=peer,
+                      scheme="http", host="", trace_id=trace_id_of(headers), traceparent="")
         verdict = await AuthenticateStage(identity()).check(ex)
         if verdict is not None:
             return verdict
@@ -66,6 +66,13 @@ def identity_authenticator(identity: Callable[[], Identity]) -> Authenticate:
         return ex.principal
 
     return authenticate
+
+
+def api_key_header(identity: Identity) -> str | None:
+    """The API-key header of the identity (the console's sign-in form), None without keys."""
+    auth = identity.get("api_keys")
+    header = getattr(auth, "header", None)
+    return header if isinstance(header, str) else None
 
 
 def approver_of(p: Principal) -> Approver:
@@ -120,7 +127,7 @@ class ApproverApi:
         svc = self.approvals()
         if svc is None:
             return self._envelope(error_verdict(model.NotFound()), request, trace_id)
-        got = await self.authenticate(request)
+        got = await self.authenticate(request.headers, request.remote or "")
         if isinstance(got, Verdict):
             return self._envelope(got, request, trace_id)
         return svc, approver_of(got)

@@ -186,7 +186,12 @@ class ApproverApi:
         approval_id = request.match_info["id"]
         if not model.valid_id(approval_id):
             return self._envelope(BAD_ID, request, trace_id)
-        raw = await request.content.read(MAX_BODY + 1)
+        raw = b""
+        while len(raw) <= MAX_BODY:  # bounded: never more than MAX_BODY + 1 bytes
+            chunk = await request.content.read(MAX_BODY + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
         try:
             if len(raw) > MAX_BODY:
                 raise ValueError("body too large")

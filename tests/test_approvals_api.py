@@ -124,6 +124,23 @@ async def test_deny(env: Env) -> None:
     denied = await env.approvals.lookup("user-custodian\0r-1")
     assert denied is not None and denied.status is Status.DENIED
     assert env.metric("casf_approvals_total", action="denied") == 1
+    records = [r for r in env.records() if r["kind"] == "approval"]
+    assert [(r["action"], r["decision"], r["via"], r["approver"], r["approval_status"])
+            for r in records] == [
+        ("created", "ALLOW", "proxy", None, "pending"),
+        ("denied", "ALLOW", "admin", "user-custodian2", "denied"),
+    ]
+    assert records[1]["comment"] == "no" and records[1]["role"] == "custodian"
+
+
+async def test_envelope_request_id_is_validated(env: Env) -> None:
+    aid = (await env.seed()).approval.id
+    status, body = await call(env, "POST", f"/approvals/{aid}/approve", who="nurse",
+                              headers={"X-Request-Id": "op-42"})
+    assert status == 403 and body["request_id"] == "op-42"
+    status, body = await call(env, "POST", f"/approvals/{aid}/approve", who="nurse",
+                              headers={"X-Request-Id": "x" * 300})
+    assert status == 403 and body["request_id"] is None
 
 
 async def test_four_eyes(env: Env) -> None:

@@ -35,6 +35,7 @@ from proxy.pathnorm import Target
 from proxy.ports import AuditUnavailable, StoreUnavailable
 from proxy.reasons import Reason
 from proxy.stages.authenticate import AuthenticateStage
+from proxy.stages.replay import parse_request_id
 
 Authenticate = Callable[[CIMultiDictProxy[str], str], Awaitable[Principal | Verdict]]
 """Who is asking, from the request headers and the TCP peer address: the principal, or
@@ -119,8 +120,9 @@ class ApproverApi:
 
     def _envelope(self, verdict: Verdict, request: web.Request, trace_id: str,
                   tool: str | None = None) -> web.Response:
-        return envelope_response(verdict, tool, request.headers.get("X-Request-Id", ""),
-                                 trace_id, self.policy_hash())
+        ids = request.headers.getall("X-Request-Id", [])
+        request_id = (parse_request_id(ids[0]) or "") if len(ids) == 1 else ""
+        return envelope_response(verdict, tool, request_id, trace_id, self.policy_hash())
 
     async def _who(self, request: web.Request, trace_id: str
                    ) -> tuple[Approvals, Approver] | web.Response:

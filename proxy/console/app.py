@@ -333,7 +333,7 @@ class Console:
         decision = text("decision")
         kind = text("kind")
         if decision not in (None, "ALLOW", "DENY", "NEEDS_APPROVAL") or kind not in (
-                None, "decision", "approval", "replay", "outcome"):
+                None, "decision", "approval", "replay"):
             problem, status = "Unknown decision or kind filter.", 400
         raw_offset = q.get("offset", "0")
         offset = int(raw_offset) if raw_offset.isdigit() and len(raw_offset) < 9 else 0

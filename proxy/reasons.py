@@ -69,6 +69,17 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "Internal_Error"
     # anti-replay: a finished request's outcome dropped by the embedded store's budget
     REPLAY_OUTCOME_EVICTED = "Inv_ReplayOutcomeEvicted"
+    # human approval (docs/approvals.md)
+    APPROVAL_DENIED = "Approval_Denied"
+    APPROVAL_SELF = "Approval_SelfApproval"
+    APPROVAL_NOT_PENDING = "Approval_NotPending"
+    APPROVAL_NOT_FOUND = "Approval_NotFound"
+    APPROVAL_NOT_APPROVER = "Approval_NotApprover"
+    APPROVAL_STORE_UNAVAILABLE = "Approval_StoreUnavailable"
+    INVALID_APPROVAL_ID = "BadRequest_InvalidApprovalId"
+    INVALID_COMMENT = "BadRequest_InvalidComment"
+    INVALID_FILTER = "BadRequest_InvalidFilter"
+    CONSOLE_CSRF = "Console_CsrfInvalid"
 
 
 def missing_attribute(name: str) -> str:

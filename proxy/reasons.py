@@ -54,6 +54,12 @@ class Reason(StrEnum):
     # forward
     UPSTREAM_UNAVAILABLE = "Upstream_Unavailable"
     UPSTREAM_TIMEOUT = "Upstream_Timeout"
+    # MCP (proxy.mcp)
+    MCP_BATCH_NOT_ALLOWED = "Mcp_BatchNotAllowed"
+    MCP_INVALID_MESSAGE = "Mcp_InvalidMessage"
+    MCP_INVALID_PARAMS = "Mcp_InvalidParams"
+    MCP_HEADER_MISMATCH = "Mcp_HeaderMismatch"
+    MCP_METHOD_NOT_ALLOWED = "Mcp_MethodNotAllowed"
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"

@@ -424,7 +424,7 @@ def test_deny_as_tool_error() -> None:
     doc = orjson.loads(raw)
     assert status == 200 and doc["id"] == 7 and "error" not in doc
     result = doc["result"]
-    assert result["isError"] is True
+    assert result["isError"] is True and result["resultType"] == "complete"
     assert result["_meta"] == {"casf": {**ENVELOPE, "retry_after": 5}}
     [content] = result["content"]
     assert content["type"] == "text"

@@ -453,7 +453,8 @@ def error_body(msg_id: JsonRpcId, code: int, envelope: Mapping[str, Any]) -> byt
 
 def tool_error_body(msg_id: JsonRpcId, envelope: Mapping[str, Any]) -> bytes:
     """A ``tools/call`` result with ``isError: true`` that a model can read: the text
-    names the decision and the reason codes; ``_meta.casf`` is the envelope."""
+    names the decision and the reason codes; ``_meta.casf`` is the envelope.
+    ``resultType: complete`` is required by 2026-07-28 clients and ignored by older ones."""
     codes = ", ".join(str(c) for c in envelope.get("reason_codes") or ()) or "none"
     text = f"casf-proxy {envelope.get('decision') or 'DENY'} ({codes})"
     if envelope.get("message"):
@@ -462,7 +463,7 @@ def tool_error_body(msg_id: JsonRpcId, envelope: Mapping[str, Any]) -> bytes:
         text += f" (retry after {envelope['retry_after']} s)"
     return _dumps({"jsonrpc": "2.0", "id": msg_id,
                    "result": {"content": [{"type": "text", "text": text}], "isError": True,
-                              "_meta": {"casf": dict(envelope)}}})
+                              "resultType": "complete", "_meta": {"casf": dict(envelope)}}})
 
 
 def deny_answer(msg: McpMessage, envelope: Mapping[str, Any],

@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.canonical import fingerprint
 from proxy.mcp.config import parse_mcp
@@ -91,6 +93,10 @@ MALFORMED: list[tuple[str, bytes, int, str, Any]] = [
     ("method empty", body({"jsonrpc": "2.0", "id": 1, "method": ""}), INVALID_REQUEST,
      Reason.MCP_INVALID_MESSAGE, 1),
     ("method with a newline", body({"jsonrpc": "2.0", "id": 1, "method": "tools/call\n"}),
+     INVALID_REQUEST, Reason.MCP_INVALID_MESSAGE, 1),
+    ("method with a space", body({"jsonrpc": "2.0", "id": 1, "method": "tools/call "}),
+     INVALID_REQUEST, Reason.MCP_INVALID_MESSAGE, 1),
+    ("method not ascii", body({"jsonrpc": "2.0", "id": 1, "method": "tööls/call"}),
      INVALID_REQUEST, Reason.MCP_INVALID_MESSAGE, 1),
     ("id null", body({"jsonrpc": "2.0", "id": None, "method": "ping"}), INVALID_REQUEST,
      Reason.MCP_INVALID_MESSAGE, None),
@@ -498,3 +504,37 @@ def test_call_outcome() -> None:
     error = call_outcome({"jsonrpc": "2.0", "id": 7, "error": {"code": -32602,
                                                                "message": "x"}})
     assert error.is_error
+
+
+# --------------------------------------------------------------- properties
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["jsonrpc", "id", "method", "params", "name",
+                                       "arguments", "result", "x"]), children, max_size=5),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_parse_or_are_refused(raw: bytes) -> None:
+    try:
+        parse_message(raw)
+    except McpRejected as exc:
+        assert exc.code in (PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values)
+def test_any_json_parses_or_is_refused_with_a_readable_id(doc: Any) -> None:
+    try:
+        msg = parse_message(orjson.dumps(doc))
+    except McpRejected as exc:
+        assert exc.id is None or isinstance(exc.id, str | int)
+        return
+    assert isinstance(doc, dict) and doc["jsonrpc"] == "2.0"
+    assert msg.method == doc["method"]
+    if msg.kind == "tool_call":
+        assert isinstance(msg.tool_name, str) and isinstance(msg.arguments, dict)
+    check_headers(msg, [("Mcp-Method", msg.method)])

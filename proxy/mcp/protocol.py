@@ -10,8 +10,9 @@ JSON-RPC error code, the HTTP status and the reason code of the refusal:
 * a JSON array (a batch) → -32600 ``Mcp_BatchNotAllowed``;
 * duplicate keys → -32600 ``BadRequest_Ambiguous``;
 * not a JSON-RPC 2.0 request or notification (a response, no ``jsonrpc:
-  "2.0"``, a missing, empty or non-string method, an id that is not a
-  string or an integer) → -32600 ``Mcp_InvalidMessage``;
+  "2.0"``, a missing, empty or non-string method, a method that is not
+  visible ASCII without spaces, an id that is not a string or an integer)
+  → -32600 ``Mcp_InvalidMessage``;
 * params that are not an object, ``tools/call`` without a string
   ``params.name`` (or one with control characters), ``params.arguments``
   that is not an object → -32602 ``Mcp_InvalidParams``.
@@ -68,6 +69,7 @@ _MAX_METHOD = 256
 _MAX_NAME = 256
 _MAX_ID = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_METHOD = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: it must fit Mcp-Method as it is
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 _SENTINEL = re.compile(r"^=\?base64\?(?P<payload>[A-Za-z0-9+/]*={0,2})\?=$")
 _DECIMAL = re.compile(r"^-?[0-9]+(\.0+)?$")
@@ -190,8 +192,9 @@ def parse_message(body: bytes) -> McpMessage:
     method = doc["method"]
     if not isinstance(method, str):
         raise invalid("the message's method is not a string")
-    if not method or len(method) > _MAX_METHOD or _CONTROL.search(method):
-        raise invalid("the message's method is empty, too long or has control characters")
+    if len(method) > _MAX_METHOD or not _METHOD.match(method):
+        raise invalid("the message's method is empty, too long, or not visible ASCII "
+                      "without spaces")
     has_id = "id" in doc
     if has_id and msg_id is None:
         raise invalid("the message's id must be a string (printable, at most "

@@ -271,6 +271,8 @@ BAD_HEADERS: list[tuple[str, list[tuple[str, str]]]] = [
     ("name differs in case", [("Mcp-Name", "Send_Sms")]),
     ("name base64 differs", [("Mcp-Name", b64("generate_invoice"))]),
     ("name base64 malformed", [("Mcp-Name", "=?base64?not base64!?=")]),
+    ("name base64 with a trailing newline", [("Mcp-Name", "=?base64?c2VuZF9zbXM=\n?=")]),
+    ("integer with a trailing newline", [("Mcp-Param-Count", "42\n")]),
     ("name base64 not canonical", [("Mcp-Name", "=?base64?c2VuZF9zbXN=?=")]),
     ("name base64 not utf-8", [("Mcp-Name", "=?base64?" + base64.b64encode(b"\xff").decode()
                                 + "?=")]),

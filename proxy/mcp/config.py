@@ -223,7 +223,7 @@ def _endpoint(s: _Strings, i: int, raw: Any, p: str) -> McpEndpoint:
     list_query = m.get("list_query")
     if list_query is not None:
         list_query = s.get(m, "list_query", p)
-        if not _QUERY.match(list_query):
+        if not _QUERY.fullmatch(list_query):
             _fail(f"{p}.list_query", f"{list_query!r} is not a Rego query",
                   "a rule reference such as data.casf.visible")
     return McpEndpoint(
@@ -238,7 +238,7 @@ def _endpoint(s: _Strings, i: int, raw: Any, p: str) -> McpEndpoint:
 
 
 def _http_path(value: str, p: str) -> str:
-    if not _PATH.match(value) or "//" in value or "/./" in value or "/../" in value \
+    if not _PATH.fullmatch(value) or "//" in value or "/./" in value or "/../" in value \
             or value.endswith(("/.", "/..")) or "{" in value:
         _fail(p, f"{value!r} is not a plain absolute path", "e.g. /mcp")
     return value
@@ -264,7 +264,7 @@ def _methods(s: _Strings, raw: Any, p: str) -> frozenset[str]:
               "methods: [resources/list, resources/read]")
     out: set[str] = set()
     for name, where in names:
-        if not _METHOD.match(name):
+        if not _METHOD.fullmatch(name):
             _fail(where, f"{name!r} is not a JSON-RPC method name",
                   "e.g. resources/read, or resources/* for every resources method")
         if name in TOOL_METHODS or name.startswith("tools/"):
@@ -289,7 +289,7 @@ def _tool(s: _Strings, raw: Any, tp: str) -> McpTool:
     attrs: list[McpAttribute] = []
     for target, spec in _mapping(m.get("attributes"), f"{tp}.attributes").items():
         ap = f"{tp}.attributes.{target}"
-        if not isinstance(target, str) or not _TARGET.match(target):
+        if not isinstance(target, str) or not _TARGET.fullmatch(target):
             _fail(ap, "attribute target must be subject.X, args.X or context.X")
         sm = _mapping(spec, ap)
         _known(sm, ap, _ATTR_KEYS)

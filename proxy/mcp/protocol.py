@@ -192,7 +192,7 @@ def parse_message(body: bytes) -> McpMessage:
     method = doc["method"]
     if not isinstance(method, str):
         raise invalid("the message's method is not a string")
-    if len(method) > _MAX_METHOD or not _METHOD.match(method):
+    if len(method) > _MAX_METHOD or not _METHOD.fullmatch(method):
         raise invalid("the message's method is empty, too long, or not visible ASCII "
                       "without spaces")
     has_id = "id" in doc
@@ -280,7 +280,7 @@ def tool_bindings(tool_def: Any) -> dict[str, ParamBinding] | None:
         if "x-mcp-header" not in node:
             continue
         token = node["x-mcp-header"]
-        if not path or not isinstance(token, str) or not _TOKEN.match(token):
+        if not path or not isinstance(token, str) or not _TOKEN.fullmatch(token):
             return None
         kind = node.get("type")
         if kind not in ("string", "integer", "boolean") or token.lower() in out:
@@ -315,7 +315,7 @@ def decode_header_value(value: str) -> str | None:
     A value without the markers is returned as it is."""
     if not (value.startswith("=?base64?") and value.endswith("?=") and len(value) >= 11):
         return value
-    m = _SENTINEL.match(value)
+    m = _SENTINEL.fullmatch(value)
     if m is None:
         return None
     payload = m.group("payload")
@@ -349,7 +349,7 @@ def _param_matches(binding: ParamBinding, value: Any, header: str) -> bool:
         return header == ("true" if value else "false")
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
                                   and binding.type == "integer"):
-        if binding.type == "integer" and _DECIMAL.match(header):
+        if binding.type == "integer" and _DECIMAL.fullmatch(header):
             return int(header.split(".", 1)[0]) == int(value)
         return header == str(value)
     if isinstance(value, str):
@@ -383,7 +383,7 @@ def check_headers(msg: McpMessage, headers: Iterable[tuple[str, str]],
             raise _mismatch(msg, f"header {found[0][0]} appears more than once (spellings "
                             "that differ only in case or _ for - count as the same header)")
         name, value = found[0]
-        if not _HEADER_VALUE.match(value):
+        if not _HEADER_VALUE.fullmatch(value):
             raise _mismatch(msg, f"header {name} has characters a header value may not carry "
                             "(use the =?base64?...?= encoding)")
         values[key] = value.strip(" \t")

@@ -39,7 +39,7 @@ def test_the_documented_example_loads() -> None:
         "cliniccloud.create_appointment", "write",
         (McpAttribute("subject.patient_id", "/patient_id"),))
     assert ep.tools["list_appointments"] == McpTool("cliniccloud.list_appointments", "read")
-    assert ep.tool_for("nope") is None
+    assert ep.tool_for("nope") is None and ep.resolve("nope") is None
     assert ep.lists("list_appointments") and not ep.lists("nope")
 
 
@@ -61,6 +61,8 @@ def test_every_key() -> None:
     assert ep.list_query == "data.casf.visible" and ep.require_request_id
     assert ep.tools["send_sms"].required == ("subject.patient_id",)
     assert ep.lists("anything")
+    assert ep.resolve("send_sms") is ep.tools["send_sms"]
+    assert ep.resolve("weather") == McpTool("weather", "write")
     assert ep.method_allowed("prompts/get") and ep.method_allowed("resources/read")
     assert not ep.method_allowed("resources/list")
 

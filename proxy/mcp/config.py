@@ -119,6 +119,17 @@ class McpEndpoint:
         """The mapping of MCP tool ``name``, or None when it is not mapped."""
         return self.tools.get(name)
 
+    def resolve(self, name: str) -> McpTool | None:
+        """What a ``tools/call`` of ``name`` runs as: its mapping; with
+        ``unknown_tools: allow`` an unmapped name runs as the tool of that
+        name with effect ``write`` (nothing says it only reads, so writes'
+        rules apply: fail closed, READ_ONLY denies it); else None
+        (``Route_NotMapped``)."""
+        mapped = self.tools.get(name)
+        if mapped is not None or self.unknown_tools != "allow":
+            return mapped
+        return McpTool(tool=name, effect="write")
+
     def lists(self, name: str) -> bool:
         """Whether ``tools/list`` may show ``name`` at all (before ``list_query``)."""
         return name in self.tools or self.unknown_tools == "allow"

@@ -15,6 +15,7 @@ from proxy.mcp.listing import (
     filter_sse_event,
     response_result,
     sse_result,
+    visibility_input,
 )
 from proxy.mcp.protocol import INTERNAL_ERROR
 from proxy.mcp.sse import SseParser
@@ -120,3 +121,14 @@ def test_filter_sse_events() -> None:
     doc = rewritten.json()
     assert doc["id"] == 3 and names(doc["result"]) == ["list_appointments"]
     assert doc["result"]["_meta"] == RESULT["_meta"]
+
+
+def test_visibility_input_is_a_call_without_arguments() -> None:
+    base = {"tool": "mcp.tools/list", "effect": "read", "mode": "ALLOW", "role": "nurse",
+            "subject": {"patient_id": "p1"}, "args": {"x": 1},
+            "context": {"tenant_id": "t1"}, "principal": {"id": "u", "role": "nurse"},
+            "request": {"method": "POST", "path": "/mcp", "route": "/mcp"}}
+    got = visibility_input(base, MAPPED.tools["send_sms"])
+    assert got == {**base, "tool": "twilio.send_sms", "effect": "write", "subject": {},
+                   "args": {}}
+    assert base["tool"] == "mcp.tools/list"  # the message's input is left alone

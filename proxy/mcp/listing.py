@@ -15,12 +15,12 @@ JSON-RPC errors pass unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
-from proxy.mcp.config import McpEndpoint
+from proxy.mcp.config import McpEndpoint, McpTool
 from proxy.mcp.protocol import INTERNAL_ERROR, JsonRpcId, is_response
 from proxy.mcp.sse import SseEvent
 
@@ -46,6 +46,14 @@ def candidates(result: Any, endpoint: McpEndpoint) -> tuple[str, ...]:
         if name is not None and endpoint.lists(name):
             out[name] = None
     return tuple(out)
+
+
+def visibility_input(list_input: Mapping[str, Any], tool: McpTool) -> dict[str, Any]:
+    """The ``list_query`` input for one listed tool: the policy input of the
+    ``tools/list`` message (caller, mode, context, request) with the tool's
+    ``tool`` and ``effect`` and without subject or arguments, i.e. what a call
+    of that tool would be decided on before its arguments are known."""
+    return {**list_input, "tool": tool.tool, "effect": tool.effect, "subject": {}, "args": {}}
 
 
 def filter_result(result: Any, endpoint: McpEndpoint, visible: Visible) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +206,29 @@ def test_the_example_config_section_loads() -> None:
             "generate_invoice": ("stripe.generate_invoice", "write")}
     assert {n: (t.tool, t.effect) for n, t in ep.tools.items()} == want
     assert ep.tools["send_sms"].required == ("subject.patient_id",)
+
+
+def _rules(path: Path) -> str:
+    """The file without its leading comment block."""
+    lines = path.read_text().splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return "".join(lines)
+
+
+def test_the_example_policy_is_the_clinic_policy_plus_visible() -> None:
+    clinic, mcp = ROOT / "examples/clinic/policies", ROOT / "examples/mcp/policies"
+    for name in ("casf.rego", "casf_test.rego"):
+        # when the clinic policy changes, copy it here again (keeping the additions)
+        assert _rules(mcp / name).startswith(_rules(clinic / name)), name
+    added = _rules(mcp / "casf.rego")[len(_rules(clinic / "casf.rego")):]
+    assert "visible if role_permitted" in added and "allow" not in added
+
+
+def test_the_example_policy_tests_pass() -> None:
+    res = subprocess.run([sys.executable, "-m", "proxy.cli", "policy", "test",
+                          str(ROOT / "examples/mcp/policies"), "-v"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "test_receptionist_sees_exactly_its_tools" in res.stdout
+    assert "FAIL" not in res.stdout

@@ -46,6 +46,7 @@ import orjson
 
 from proxy.canonical import canonical_json, sha256_hex
 from proxy.mcp.config import LIFECYCLE_METHODS, McpEndpoint
+from proxy.mcp.sse import SseParser, serialize
 from proxy.reasons import Reason
 from proxy.strictjson import JsonRejected, loads_strict
 
@@ -159,8 +160,10 @@ def _readable_id(doc: Any) -> JsonRpcId:
 
 def parse_message(body: bytes) -> McpMessage:
     """Parse one POST body into a classified message, or raise :class:`McpRejected`."""
+    if not body.strip():
+        raise McpRejected(PARSE_ERROR, Reason.INVALID_JSON, "the request body is empty")
     try:
-        doc = loads_strict(body) if body.strip() else _empty()
+        doc = loads_strict(body)
     except JsonRejected as exc:
         if exc.reason == Reason.AMBIGUOUS_REQUEST:
             if body.lstrip().startswith(b"["):
@@ -219,10 +222,6 @@ def parse_message(body: bytes) -> McpMessage:
         raise bad_params("params.arguments of tools/call must be an object")
     return McpMessage(doc=doc, method=method, kind=kind, id=msg_id, tool_name=name,
                       arguments=arguments)
-
-
-def _empty() -> Any:
-    raise JsonRejected(Reason.INVALID_JSON, "the request body is empty")
 
 
 # ------------------------------------------------------------ mirrored headers
@@ -494,8 +493,6 @@ def with_id(answer: bytes, content_type: str | None, msg_id: JsonRpcId) -> bytes
     Notifications inside a stream are left as they are; a body that is not a
     JSON-RPC answer is returned unchanged."""
     if content_type is not None and "text/event-stream" in content_type.lower():
-        from proxy.mcp.sse import SseParser, serialize
-
         parser = SseParser(max_event_bytes=None)
         out = bytearray()
         for event in (*parser.feed(answer), *parser.close_events()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -97,21 +98,25 @@ async def _wait_ready(server: McpServer, timeout: float = 20.0) -> None:
 async def start_mcp_server(*flags: str) -> AsyncIterator[McpServer]:
     """Run the example server (flags: ``--json``, ``--stateless``) until the block ends."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), *flags],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = McpServer(port, process)
-    try:
-        await _wait_ready(server)
-        yield server
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a pipe could fill and block it
+        process = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), *flags],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        server = McpServer(port, process)
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
+            try:
+                await _wait_ready(server)
+            except (RuntimeError, TimeoutError) as exc:
+                log.seek(0)
+                raise RuntimeError(f"{exc}: {log.read()[-2000:].decode(errors='replace')}") \
+                    from None
+            yield server
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 @pytest.fixture

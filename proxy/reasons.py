@@ -64,6 +64,12 @@ class Reason(StrEnum):
     # the admin API
     ADMIN_DISABLED = "Admin_Disabled"
     INVALID_MODE = "BadRequest_InvalidMode"
+    # MCP (proxy.mcp)
+    MCP_BATCH_NOT_ALLOWED = "Mcp_BatchNotAllowed"
+    MCP_INVALID_MESSAGE = "Mcp_InvalidMessage"
+    MCP_INVALID_PARAMS = "Mcp_InvalidParams"
+    MCP_HEADER_MISMATCH = "Mcp_HeaderMismatch"
+    MCP_METHOD_NOT_ALLOWED = "Mcp_MethodNotAllowed"
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"

@@ -77,7 +77,9 @@ class DropReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
-    """The ``telemetry:`` section. ``otlp_endpoint`` None (the default) turns tracing off.
+    """The ``telemetry:`` section (YAML ``*_ms`` keys as ``*_s`` seconds here).
+
+    ``otlp_endpoint`` None (the default) turns tracing off.
 
     ``otlp_endpoint`` is the collector's OTLP/HTTP base URL, as in
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` (``http://collector:4318``); spans are
@@ -121,10 +123,10 @@ class TelemetryConfig:
             yield "max_queue_size", "must be at least 1"
         if not 1 <= self.max_export_batch_size <= self.max_queue_size:
             yield "max_export_batch_size", "must be between 1 and max_queue_size"
-        for key in ("schedule_delay_s", "export_timeout_s", "shutdown_timeout_s"):
-            value = getattr(self, key)
-            if not 0.0 < value <= 300.0:
-                yield key, "must be more than 0 and at most 300 seconds"
+        for name in ("schedule_delay_s", "export_timeout_s", "shutdown_timeout_s"):
+            if not 0.0 < getattr(self, name) <= 300.0:
+                # named as in the YAML, where durations are milliseconds
+                yield name.removesuffix("_s") + "_ms", "must be more than 0 and at most 300000"
 
     @property
     def enabled(self) -> bool:

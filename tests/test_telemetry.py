@@ -312,7 +312,7 @@ def test_config_is_checked_and_names_the_key() -> None:
                      (dict(max_queue_size=0), "max_queue_size"),
                      (dict(max_queue_size=10, max_export_batch_size=11),
                       "max_export_batch_size"),
-                     (dict(export_timeout_s=0), "export_timeout_s"),
+                     (dict(export_timeout_s=0), "export_timeout_ms"),
                      (dict(service_name=""), "service_name")):
         with pytest.raises(ValueError, match=f"telemetry.{key}:"):
             TelemetryConfig(**bad)  # type: ignore[arg-type]

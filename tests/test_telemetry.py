@@ -246,12 +246,15 @@ async def test_shutdown_flushes_what_is_queued() -> None:
 
 async def test_dead_collector_costs_only_counted_drops(closed_port: int) -> None:
     watch = DropWatch()
-    tel = Telemetry(config(f"http://127.0.0.1:{closed_port}", export_timeout_s=0.5),
-                    on_dropped=watch)
+    # no periodic export for 60 s: the calls below can only queue
+    tel = Telemetry(config(f"http://127.0.0.1:{closed_port}", export_timeout_s=0.5,
+                           schedule_delay_s=60.0), on_dropped=watch)
     for _ in range(20):
         one_request(tel, tid(), stages=(Stage.POLICY,))
+    # nothing was exported (or failed) on the caller's side
+    assert tel.spans_queued == 40 and tel.spans_dropped == 0
+    await tel.aclose()  # the flush at shutdown fails: every span counted
     await watch.wait_for(lambda: watch.counts[DropReason.EXPORT_FAILED] == 40)
-    await tel.aclose()
     assert tel.dropped_by_reason() == {DropReason.EXPORT_FAILED: 40,
                                        DropReason.QUEUE_FULL: 0, DropReason.SHUTDOWN: 0}
     assert tel.spans_dropped == 40 and tel.spans_exported == 0

@@ -215,7 +215,9 @@ class _BoundedBatchProcessor(SpanProcessor):
     """The SDK's batching engine with a bounded queue, visible drops and a shutdown bound.
 
     (``BatchSpanProcessor`` wraps the same engine but neither reports drops
-    without the SDK's own metrics pipeline nor bounds its shutdown.)
+    without the SDK's own metrics pipeline nor bounds its shutdown.) The
+    engine lives in an internal module of the pinned SDK:
+    tests/test_telemetry.py fails if its behaviour changes.
     """
 
     def __init__(self, exporter: SpanExporter, cfg: TelemetryConfig, drops: _Drops) -> None:

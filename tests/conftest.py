@@ -88,6 +88,9 @@ class Upstream:
     seen: list[Seen] = field(default_factory=list)
     delay_s: float = 0.0
     holds: list[Hold] = field(default_factory=list)
+    # /events (a server-sent event stream) stops after its first event until this
+    # is set: a client that reads that event then has it before the stream ended
+    events_resume: asyncio.Event = field(default_factory=asyncio.Event)
 
     def paths(self) -> list[str]:
         return [s.path_qs for s in self.seen]
@@ -101,6 +104,7 @@ class Upstream:
     def release_all(self) -> None:
         for hold in self.holds:
             hold.release()
+        self.events_resume.set()
 
     def _take_hold(self, seen: Seen) -> Hold | None:
         for hold in self.holds:
@@ -120,15 +124,17 @@ def _upstream_app(state: Upstream) -> web.Application:
         if hold is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hold.released.wait(), HOLD_MAX_S)
-        if state.delay_s:
+        if state.delay_s:  # a slow upstream (to wait for a request, hold it instead)
             await asyncio.sleep(state.delay_s)
         path = request.path
         if path == "/events":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            for i in range(3):  # events 0.2 s apart: the stream's pacing is the behaviour
+            await resp.write(b"data: event 0\n\n")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.events_resume.wait(), HOLD_MAX_S)
+            for i in (1, 2):
                 await resp.write(f"data: event {i}\n\n".encode())
-                await asyncio.sleep(0.2)
             await resp.write_eof()
             return resp
         if path == "/big":

@@ -168,6 +168,13 @@ async def run_upstream(state: Upstream | None = None, port: int = 0
         await runner.cleanup()
 
 
+def pytest_report_header() -> str:
+    ci = os.environ.get("CI", "")
+    if in_ci():
+        return f"CI={ci}: in CI, a test missing a tool it needs fails (tests/ci.py)"
+    return f"CI={ci!r}: not in CI, a test missing a tool it needs is skipped (tests/ci.py)"
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A throwaway redis-server for one test (skips locally, fails in CI)."""

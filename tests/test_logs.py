@@ -28,6 +28,7 @@ import pytest
 from yarl import URL
 
 from proxy.audit.postgres import migrate
+from tests.ci import skip_or_fail
 from tests.conftest import (
     ADMIN_TOKEN,
     CLINIC,
@@ -198,7 +199,8 @@ def pg_with_password() -> Iterator[tuple[str, str]]:
     if EXTERNAL_PG_DSN:
         password = urlsplit(EXTERNAL_PG_DSN).password
         if not password:
-            pytest.skip("PG_DSN has no password to look for in the log")
+            skip_or_fail("PG_DSN has no password to look for in the log (give it one, or "
+                         "unset PG_DSN to use a throwaway server)")
         server = ExternalPostgres(EXTERNAL_PG_DSN)
     else:
         server, password = PostgresServer(), URL_PASSWORD

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
+from tests.ci import skip_or_fail
 from tests.conftest import clinic_env, write_config
 from tests.rawhttp import CheckingUpstream, run_checking_upstream
 from tests.servers import ProxyProcess, free_port
@@ -43,8 +43,9 @@ def sample(pid: int) -> tuple[float, int]:
     return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 async def test_soak_memory_and_descriptors(tmp_path: Path) -> None:
+    if not Path("/proc/self/status").exists():
+        skip_or_fail("the soak test reads RSS and descriptors from /proc (Linux)")
     up = CheckingUpstream(audit_path=tmp_path / "audit.db")
     port = free_port()
     stack = contextlib.AsyncExitStack()

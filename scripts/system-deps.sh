@@ -4,8 +4,9 @@
 # (PostgreSQL tests), promtool (alert-rule tests). On a fresh Debian/Ubuntu
 # machine they come from apt; elsewhere, install them yourself. kubectl (the
 # kustomize builds of deploy/k8s) is part of this machine image; apt has none.
-# The tests skip locally when a binary is missing and fail under CI=true, so
-# nothing silently runs without them.
+# The tests skip locally when a binary is missing and fail in CI (CI set to
+# true, 1 or yes, in any case: tests/ci.py), so nothing silently runs without
+# them.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)

@@ -21,7 +21,10 @@ from yarl import URL
 from proxy.app import Runtime, Serving, serve
 from proxy.config import Config, load_config
 from proxy.settings import Environment
+from tests.ci import in_ci as in_ci  # tests may import these from here too
+from tests.ci import require_binary as require_binary
 from tests.servers import RedisServer
+from tests.waiting import wait_event, wait_until
 
 # PG_DSN in the test run's environment names the PostgreSQL for the PostgreSQL
 # audit tests (tests/test_postgres_audit.py); every other test, and every proxy
@@ -47,6 +50,36 @@ class Seen:
     body: bytes
 
 
+# The longest an upstream keeps a held request when the test never releases it
+# (a test that failed half-way): long enough that no passing test depends on it.
+HOLD_MAX_S = 30.0
+
+
+@dataclass
+class Hold:
+    """One request the upstream keeps waiting, recorded, until the test releases it.
+
+    ``arrived`` is set when the request reached the upstream (so the proxy has
+    decided, audited and forwarded it, and it is in flight); the upstream
+    answers it only after ``release()``. A test that needs a request in flight
+    waits on ``arrived`` instead of sleeping and hoping.
+    """
+
+    match: Callable[[Seen], bool]
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    request: Seen | None = None
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def wait_arrived(self, timeout: float = 10.0) -> Seen:
+        await wait_event(self.arrived, "the held request to reach the upstream",
+                         timeout=timeout)
+        assert self.request is not None
+        return self.request
+
+
 @dataclass
 class Upstream:
     """A real aiohttp server that records everything it receives."""
@@ -54,25 +87,54 @@ class Upstream:
     url: str = ""
     seen: list[Seen] = field(default_factory=list)
     delay_s: float = 0.0
+    holds: list[Hold] = field(default_factory=list)
+    # /events (a server-sent event stream) stops after its first event until this
+    # is set: a client that reads that event then has it before the stream ended
+    events_resume: asyncio.Event = field(default_factory=asyncio.Event)
 
     def paths(self) -> list[str]:
         return [s.path_qs for s in self.seen]
+
+    def hold_next(self, match: Callable[[Seen], bool] = lambda s: True) -> Hold:
+        """Hold the next request that arrives (and ``match``es) until released."""
+        hold = Hold(match)
+        self.holds.append(hold)
+        return hold
+
+    def release_all(self) -> None:
+        for hold in self.holds:
+            hold.release()
+        self.events_resume.set()
+
+    def _take_hold(self, seen: Seen) -> Hold | None:
+        for hold in self.holds:
+            if hold.request is None and hold.match(seen):
+                hold.request = seen
+                hold.arrived.set()
+                return hold
+        return None
 
 
 def _upstream_app(state: Upstream) -> web.Application:
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        state.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers),
-                               body))
-        if state.delay_s:
+        seen = Seen(request.method, request.raw_path, CIMultiDict(request.headers), body)
+        state.seen.append(seen)
+        hold = state._take_hold(seen)
+        if hold is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.released.wait(), HOLD_MAX_S)
+        if state.delay_s:  # a slow upstream (to wait for a request, hold it instead)
             await asyncio.sleep(state.delay_s)
         path = request.path
         if path == "/events":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            for i in range(3):
+            await resp.write(b"data: event 0\n\n")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.events_resume.wait(), HOLD_MAX_S)
+            for i in (1, 2):
                 await resp.write(f"data: event {i}\n\n".encode())
-                await asyncio.sleep(0.2)
             await resp.write_eof()
             return resp
         if path == "/big":
@@ -102,12 +164,20 @@ async def run_upstream(state: Upstream | None = None, port: int = 0
     try:
         yield state
     finally:
+        state.release_all()  # held requests answer, so the server stops at once
         await runner.cleanup()
+
+
+def pytest_report_header() -> str:
+    ci = os.environ.get("CI", "")
+    if in_ci():
+        return f"CI={ci}: in CI, a test missing a tool it needs fails (tests/ci.py)"
+    return f"CI={ci!r}: not in CI, a test missing a tool it needs is skipped (tests/ci.py)"
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A throwaway redis-server for one test (skips locally, fails under CI=true)."""
+    """A throwaway redis-server for one test (skips locally, fails in CI)."""
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
@@ -173,14 +243,12 @@ class Proxy:
 
     async def metrics(self) -> str:
         """/metrics once no request is in flight (counters are final then)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while True:
+        async def settled() -> str | None:
             async with self.session.get(self.admin + "/metrics") as r:
                 text = await r.text()
-            if "\ncasf_in_flight 0.0" in text or loop.time() > deadline:
-                return text
-            await asyncio.sleep(0.02)
+            return text if "\ncasf_in_flight 0.0" in text else None
+
+        return await wait_until(settled, "no request in flight (casf_in_flight 0) on /metrics")
 
     async def set_mode(self, mode: str) -> None:
         async with self.session.put(self.admin + "/admin/mode", json={"mode": mode},

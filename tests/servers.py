@@ -2,7 +2,7 @@
 
 Each server gets a fresh directory and a free port, and can be stopped and
 restarted mid-test on the same port (fault tests). When the binary is
-missing, tests are skipped with a clear message, except under ``CI=true``
+missing, tests are skipped with a clear message, except in CI (tests/ci.py)
 where that is a failure: CI must never silently run without Redis or PostgreSQL.
 """
 
@@ -12,10 +12,10 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
+from tests.ci import require_binary, skip_or_fail
+from tests.waiting import poll_until
 
 
 def free_port() -> int:
@@ -37,16 +37,6 @@ def free_cluster_port() -> int:
                 continue
         return port
     raise RuntimeError("no free port pair for a redis cluster node")
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found on PATH: tests that need a real server cannot run"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (CI=true: install it, e.g. apt-get install redis-server)")
-        pytest.skip(message)
-    return path
 
 
 class RedisServer:
@@ -77,22 +67,29 @@ class RedisServer:
             args += ["--cluster-enabled", "yes", "--cluster-config-file",
                      str(self.dir / "nodes.conf"), "--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    if self.password:
-                        s.sendall(f"AUTH {self.password}\r\n".encode())
-                        if not s.recv(16).startswith(b"+OK"):
-                            raise OSError("AUTH refused")
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        try:
+            poll_until(self._answers, f"redis-server to answer PING on port {self.port}",
+                       interval=0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = self.dir / "redis.log"
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
+                               + (log.read_text()[-2000:] if log.exists() else "no log"))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -122,15 +119,15 @@ class RedisClusterServers:
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run([self.cli, "--cluster", "create", *addrs, "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # every node must know the whole cluster
+
+        def ready() -> bool:  # every node must know the whole cluster
             infos = [subprocess.run([self.cli, "-p", str(n.port), "cluster", "info"],
                                     capture_output=True, text=True, timeout=5).stdout
                      for n in self.nodes]
-            if all("cluster_state:ok" in i and "cluster_known_nodes:3" in i for i in infos):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("redis cluster did not become ready")
+            return all("cluster_state:ok" in i and "cluster_known_nodes:3" in i for i in infos)
+
+        poll_until(ready, "every redis cluster node to report the 3-node cluster ok",
+                   timeout=20, interval=0.1)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -169,16 +166,18 @@ class ProxyProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config)], cwd=ROOT,
                 env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"proxy exited: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("proxy did not start")
+        poll_until(self._listening, lambda: f"the proxy's admin port {self.admin_port} to "
+                   f"open; its log: {self.log.read_text()[-2000:]}", timeout=20, interval=0.05)
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"proxy exited: {self.log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL: the process dies holding whatever it held."""
@@ -197,10 +196,6 @@ class ProxyProcess:
 
 
 # ------------------------------------------------------------------ PostgreSQL
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def postgres_binaries() -> tuple[str, str] | None:
@@ -230,10 +225,7 @@ def require_postgres() -> tuple[str, str]:
         message = ("PostgreSQL (initdb/pg_ctl) not found on PATH or in "
                    "/usr/lib/postgresql/*/bin: this PostgreSQL audit test cannot run (set PG_DSN "
                    "to run the others against an existing server)")
-        if _ci():
-            pytest.fail(message + " (CI=true: install it, e.g. apt-get install postgresql, "
-                        "or set PG_DSN)")
-        pytest.skip(message)
+        skip_or_fail(message + " (install: apt-get install postgresql)")
     return bins
 
 

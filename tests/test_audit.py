@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Proxy
+from tests.waiting import wait_until
 
 PHI = "PHI-NOTES-7f3a91"
 SMS_TEXT = "SMS-SECRET-55c2"
@@ -225,9 +226,10 @@ async def test_sink_close_does_not_hang_when_the_writer_has_stopped(tmp_path: Pa
     await sink.start()
     pending = sink.append_later({"kind": "outcome", "status": 200, "attrs": {},
                                  "reason_codes": []})
-    assert sink._writer is not None
-    sink._writer.cancel()  # stops before taking the queued record
-    await asyncio.sleep(0.05)
+    writer = sink._writer
+    assert writer is not None
+    writer.cancel()  # stops before taking the queued record
+    await wait_until(writer.done, "the cancelled audit writer to stop")
     started = time.monotonic()
     await asyncio.wait_for(sink.close(), 5)
     assert time.monotonic() - started < 2

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.servers import require_binary
+from tests.ci import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 

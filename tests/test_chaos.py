@@ -44,6 +44,7 @@ from aiohttp import web
 from proxy.audit.postgres import migrate
 from tests.conftest import ROOT, Upstream, _upstream_app, clinic_env, write_config
 from tests.servers import PostgresServer, ProxyProcess, RedisServer, free_port
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -171,7 +172,7 @@ async def traffic(procs: list[ProxyProcess], sent: list[Sent], stop: asyncio.Eve
                 except (aiohttp.ClientError, TimeoutError):
                     status, reasons = 0, ()
                 sent.append(Sent(t0, time.monotonic(), which, method, rid, status, reasons))
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the load's pacing
 
         await asyncio.gather(*(worker(w) for w in range(WORKERS)))
 
@@ -187,19 +188,19 @@ async def pg_rows(dsn: str) -> list[asyncpg.Record]:
 
 
 async def wait_ready(procs: list[ProxyProcess], deadline_s: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
     async with aiohttp.ClientSession() as s:
-        for p in procs:
-            while True:
+        async def ready() -> bool:
+            for p in procs:
                 try:
                     async with s.get(p.admin + "/healthz") as r:
-                        if r.status == 200:
-                            break
+                        if r.status != 200:
+                            return False
                 except aiohttp.ClientError:
-                    pass
-                assert loop.time() < end, f"proxy on {p.port} did not become ready"
-                await asyncio.sleep(0.1)
+                    return False
+            return True
+
+        await wait_until(ready, lambda: f"every proxy ({[p.port for p in procs]}) ready",
+                         timeout=deadline_s, interval=0.1)
 
 
 async def test_chaos_under_load(tmp_path: Path) -> None:
@@ -233,7 +234,7 @@ async def test_chaos_under_load(tmp_path: Path) -> None:
                 for name, fn in zip(names, down, strict=True):
                     await fn()
                     tl.down(name)
-                await asyncio.sleep(PHASE_S)
+                await asyncio.sleep(PHASE_S)  # the outage's length is the scenario
                 for name, fn in zip(names, back, strict=True):
                     tl.up(name)
                     await fn()
@@ -258,7 +259,7 @@ async def test_chaos_under_load(tmp_path: Path) -> None:
             await outage(["redis", "postgres"], [redis_down, pg_down], [redis_up, pg_up])
             await wait_ready(procs)  # readiness came back by itself
             calm_from = time.monotonic()
-            await asyncio.sleep(PHASE_S / 2)
+            await asyncio.sleep(PHASE_S / 2)  # load on the recovered proxies
             stop.set()
             await load
         finally:

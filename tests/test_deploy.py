@@ -20,7 +20,7 @@ Offline checks, no cluster and no Docker engine:
   ``promtool check rules`` / ``promtool test rules``.
 
 ``kubectl``/``kustomize`` and ``promtool`` are external binaries: their tests
-skip when the binary is missing, except under ``CI=true`` where they fail.
+skip when the binary is missing, except in CI where they fail (tests/ci.py).
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ import base64
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -46,6 +44,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from tests.ci import require_binary
+from tests.waiting import poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -66,26 +67,16 @@ PENDING_METRICS: dict[str, set[str]] = {}
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container"}
 
 
-def _need(binary: str, *alternatives: str) -> str:
-    for name in (binary, *alternatives):
-        path = shutil.which(name)
-        if path:
-            return path
-    msg = f"{binary} is not installed"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{msg} (required under CI)")
-    pytest.skip(msg)
-
-
 # ------------------------------------------------------------------ kustomize
 
 
 @cache
 def _build(directory: str) -> tuple[dict[str, Any], ...]:
-    if shutil.which("kustomize"):
-        cmd = ["kustomize", "build", directory]
+    tool = require_binary("kustomize", "kubectl")
+    if Path(tool).name == "kustomize":
+        cmd = [tool, "build", directory]
     else:
-        cmd = [_need("kubectl"), "kustomize", directory]
+        cmd = [tool, "kustomize", directory]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
@@ -510,16 +501,16 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
 
 
 def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         for p in procs:
             assert p.poll() is None, f"process exited with {p.returncode}"
         try:
             _get(url)
-            return
         except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
+            return False
+        return True
+
+    poll_until(answers, f"{url} to answer", timeout=timeout, interval=0.05)
 
 
 def test_sidecar_starts_from_the_manifest_and_answers_its_probes(tmp_path: Path) -> None:
@@ -933,7 +924,7 @@ def test_alert_rules_cover_the_issue() -> None:
 
 
 def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
-    promtool = _need("promtool")
+    promtool = require_binary("promtool")
     here = DEPLOY / "prometheus"
     for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts_test.yaml"]):
         out = subprocess.run([promtool, *args], cwd=here, capture_output=True, text=True,
@@ -943,7 +934,7 @@ def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """Each dashboard query, with Grafana's variables filled in, as a recording rule."""
-    promtool = _need("promtool")
+    promtool = require_binary("promtool")
     rules = [{"record": f"casf_dashboard:query{i}",
               "expr": expr.replace("$__rate_interval", "5m").replace("$job", ".+")}
              for i, (where, expr) in enumerate(_expressions()) if where.startswith("panel")]

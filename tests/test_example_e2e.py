@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,16 +31,15 @@ def free_port() -> int:
 
 
 async def wait_port(port: int, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
+    async def accepts() -> bool:
         try:
             _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
         except OSError:
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"port {port} did not open")
+            return False
+        w.close()
+        return True
+
+    await wait_until(accepts, f"port {port} to open", timeout=timeout, interval=0.05)
 
 
 @pytest.fixture
@@ -93,10 +94,21 @@ async def test_readme_walkthrough(example: dict[str, Any]) -> None:
             assert r.status == 409
             assert (await r.json())["reason_codes"] == ["Inv_ReplayPayloadMismatch"]
 
+        backend = example["env"]["CLINIC_UPSTREAM"]
+
+        async def backend_posts() -> int:  # counted on arrival, before the delay
+            async with s.get(backend + "/_stats") as r:
+                return int((await r.json()).get("POST /appointments", 0))
+
+        posts = await backend_posts()
+
+        async def slow_arrived() -> bool:
+            return await backend_posts() > posts
+
         slow = s.post(base + "/appointments?delay_ms=1500", json=appt,
                       headers=h("receptionist", "d2"))
         task = asyncio.ensure_future(slow.__aenter__())
-        await asyncio.sleep(0.4)
+        await wait_until(slow_arrived, "the slow request to reach the backend")
         async with s.post(base + "/appointments?delay_ms=1500", json=appt,
                           headers=h("receptionist", "d2")) as r:
             assert r.status == 409

@@ -11,7 +11,7 @@
 * atheris (coverage-guided, libFuzzer) runs tests/atheris_target.py for a
   bounded time (``CASF_FUZZ_SECONDS``, default 20) on the path normaliser,
   strict JSON and the header checks. Skipped when atheris is not installed,
-  a failure under ``CI=true``.
+  a failure in CI (tests/ci.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.strictjson import JsonRejected, loads_strict
+from tests.ci import require_module
 from tests.conftest import ROOT, Proxy, clinic_env, start_proxy, write_config
 from tests.rawhttp import CheckingUpstream, audit_rows, exchange, request, run_checking_upstream
 
@@ -43,10 +44,6 @@ FUZZ_SECONDS = int(os.environ.get("CASF_FUZZ_SECONDS", "20"))
 STATUSES: list[Any] = []
 _FRESH = iter(range(10**9))
 COUNTS = {"requests": 0, "forwarded": 0, "json_bodies": 0}
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 # ------------------------------------------------------------------ the proxy
@@ -297,13 +294,8 @@ def test_accepted_json_reads_the_same_to_every_decoder(body: bytes) -> None:
 
 
 def test_atheris_parser_and_json(tmp_path: Path) -> None:
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        message = "atheris is not installed (pip install atheris, in the dev extras)"
-        if _ci():
-            pytest.fail(message + ": CI=true requires the coverage-guided fuzz run")
-        pytest.skip(message)
+    require_module("atheris", "pip install atheris, in the dev extras: the coverage-guided "
+                   "fuzz run")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     seeds = [b"\x00/patients/p1/../%2e/history?patient_id=p1&x=%C3%A9",

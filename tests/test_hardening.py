@@ -550,7 +550,7 @@ async def test_head_sent_in_pieces_within_the_timeout_is_served(env: Env) -> Non
     raw = get("/appointments")
     third = len(raw) // 3
     got = await exchange(env.port, [raw[:third], raw[third:2 * third], raw[2 * third:]],
-                         pause=0.15, timeout=5)
+                         pause=0.05, timeout=5)  # well within the 800 ms
     assert got and got[0].status == 200
 
 

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,7 @@ from proxy.identity.jwks import parse_jwks
 from proxy.identity.jwt import JwtVerifier, TokenCache
 from proxy.model import Principal
 from tests.conftest import ADMIN_TOKEN, CLINIC, Proxy, clinic_env, sha, write_config
+from tests.waiting import wait_until
 
 ISS = "https://idp.test.example"
 AUD = "casf-test"
@@ -297,6 +299,8 @@ async def test_unknown_kid_refresh_is_rate_bounded(make_proxy: Any) -> None:
 async def test_concurrent_unknown_kids_share_one_fetch(make_proxy: Any) -> None:
     async with run_jwks(("rs1",)) as server, \
             make_proxy(jwt_patch(server.url, jwks_min_refresh_seconds=0.5)) as p:
+        # the refresh bound (0.5 s) since the start-up fetch must pass: the time
+        # itself is the behaviour, and a longer wait cannot fail the test
         await asyncio.sleep(0.6)
         server.keys = public("rs1", "rs2")
         hits = server.hits
@@ -469,13 +473,6 @@ def keys_patch(keys_file: Path | None = None, keys_dir: Path | None = None,
     return patch
 
 
-async def until(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_api_key_revoked_by_file_reload(make_proxy: Any, tmp_path: Path) -> None:
     kf = tmp_path / "keys.yaml"
     kf.write_text(keys_yaml({"k-nurse": ("s3cret-nurse-key", "nurse"),
@@ -489,15 +486,24 @@ async def test_api_key_revoked_by_file_reload(make_proxy: Any, tmp_path: Path) -
         async def revoked() -> bool:
             return (await p.call("GET", "/appointments", key="s3cret-nurse-key"))[0] == 401
 
-        await until(revoked)  # picked up by the watcher, no restart
+        await wait_until(revoked, "the revoked key to be refused")  # no restart
         assert (await p.call("GET", "/appointments", key="s3cret-new-key"))[0] == 200
         assert (await p.call("GET", "/appointments", key="s3cret-rec-key"))[0] == 200
-        # a broken file keeps the last good key set
+        # a broken file keeps the last good key set (once the watcher has read it)
+        failed = 'casf_identity_reload_total{result="error",source="api_keys"}'
+
+        async def failures() -> float:
+            m = re.search(re.escape(failed) + r" (\S+)$", await p.metrics(), re.M)
+            return float(m.group(1)) if m else 0.0
+
+        before = await failures()
         kf.write_text("keys: [ {id: broken")
-        await asyncio.sleep(0.4)
+
+        async def reload_failed() -> bool:
+            return await failures() > before
+
+        await wait_until(reload_failed, "the broken keys file to be read and refused")
         assert (await p.call("GET", "/appointments", key="s3cret-new-key"))[0] == 200
-        text = await p.metrics()
-        assert 'casf_identity_reload_total{result="error",source="api_keys"}' in text
 
 
 async def test_api_key_reload_endpoint(make_proxy: Any, tmp_path: Path) -> None:
@@ -533,13 +539,13 @@ async def test_api_keys_from_secret_directory(make_proxy: Any, tmp_path: Path) -
         async def added() -> bool:
             return (await p.call("GET", "/patients/p1/history", key="dir-key-doctor"))[0] == 200
 
-        await until(added)
+        await wait_until(added, "the added key to be accepted")
         (d / "svc-nurse").unlink()
 
         async def removed() -> bool:
             return (await p.call("GET", "/appointments", key="dir-key-nurse"))[0] == 401
 
-        await until(removed)
+        await wait_until(removed, "the removed key to be refused")
 
 
 def test_keys_dir_config_errors(tmp_path: Path) -> None:

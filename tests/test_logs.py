@@ -28,6 +28,7 @@ import pytest
 from yarl import URL
 
 from proxy.audit.postgres import migrate
+from tests.ci import skip_or_fail
 from tests.conftest import (
     ADMIN_TOKEN,
     CLINIC,
@@ -39,6 +40,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.servers import ExternalPostgres, PostgresServer, ProxyProcess, RedisServer, free_port
+from tests.waiting import wait_until
 
 BODY_SECRET = "SECRET-BODY-VALUE-4711"
 PATIENT_SECRET = "p-SECRET-PATIENT-0815"
@@ -120,10 +122,9 @@ async def test_every_line_is_json_and_carries_no_secret(tmp_path: Path) -> None:
                     assert r.status == 200
                 path.write_text(path.read_text() + "\nnot_a_key: 1\n")
                 proc.proc.send_signal(signal.SIGHUP)
-                for _ in range(100):
-                    if "config reload (SIGHUP) failed" in (tmp_path / "proxy.log").read_text():
-                        break
-                    await asyncio.sleep(0.05)
+                await wait_until(lambda: "config reload (SIGHUP) failed"
+                                 in (tmp_path / "proxy.log").read_text(),
+                                 "the failed SIGHUP reload to be logged", interval=0.05)
         finally:
             assert proc.stop() == 0
     text = (tmp_path / "proxy.log").read_text()
@@ -198,7 +199,8 @@ def pg_with_password() -> Iterator[tuple[str, str]]:
     if EXTERNAL_PG_DSN:
         password = urlsplit(EXTERNAL_PG_DSN).password
         if not password:
-            pytest.skip("PG_DSN has no password to look for in the log")
+            skip_or_fail("PG_DSN has no password to look for in the log (give it one, or "
+                         "unset PG_DSN to use a throwaway server)")
         server = ExternalPostgres(EXTERNAL_PG_DSN)
     else:
         server, password = PostgresServer(), URL_PASSWORD

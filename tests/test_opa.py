@@ -32,8 +32,13 @@ class FakeOpa:
     peers: set[tuple[str, int]] = field(default_factory=set)
     url: str = ""
     runner: web.AppRunner | None = None
+    # "slow": answers only once released (at the latest when stopped), so the
+    # proxy's timeout always comes first, however loaded the machine
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    holding: int = 0  # "slow" queries not answered yet
 
     async def stop(self) -> None:
+        self.release.set()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -57,7 +62,11 @@ async def run_opa() -> AsyncIterator[FakeOpa]:
         state.paths.append(request.match_info["path"])
         b = state.behaviour
         if b == "slow":
-            await asyncio.sleep(1.0)
+            state.holding += 1
+            try:
+                await asyncio.wait_for(state.release.wait(), 30)
+            finally:
+                state.holding -= 1
         if b == "500":
             return web.json_response({"code": "internal_error"}, status=500)
         if b == "malformed":
@@ -236,12 +245,13 @@ async def test_opa_failure_fails_closed_for_writes_open_for_reads(
 async def test_opa_slow_answer_is_bounded(make_proxy: Any) -> None:
     async with run_opa() as opa, make_proxy(opa_patch(opa.url, timeout_ms=100)) as p:
         opa.behaviour = "slow"
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        status, _, _ = await p.call("POST", "/appointments", key="receptionist",
-                                    json={"patient_id": "p1", "slot": "s"}, rid="t-1")
+        # bounded: the proxy answers while the OPA still holds its answer back
+        status, _, raw = await asyncio.wait_for(
+            p.call("POST", "/appointments", key="receptionist",
+                   json={"patient_id": "p1", "slot": "s"}, rid="t-1"), 10)
         assert status == 503
-        assert loop.time() - started < 0.6
+        assert json.loads(raw)["reason_codes"] == ["FAIL_CLOSED", "OPA_Unavailable"]
+        assert len(opa.inputs) == 1 and opa.holding == 1
 
 
 async def test_opa_gone_is_unavailable(make_proxy: Any) -> None:

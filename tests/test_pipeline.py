@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Proxy
+from tests.waiting import wait_until
 
 Patch = Any
 
@@ -223,13 +224,14 @@ async def test_keys_are_scoped_by_principal(proxy: Proxy) -> None:
 
 
 async def test_concurrent_same_key_is_409_in_flight(proxy: Proxy) -> None:
-    proxy.upstream.delay_s = 0.5
+    held = proxy.upstream.hold_next()
     payload = {"patient_id": "p1", "slot": "a"}
     first = asyncio.ensure_future(proxy.call("POST", "/appointments", json=payload, rid="cc"))
-    await asyncio.sleep(0.2)
+    await held.wait_arrived()  # the first is in flight, and stays so until released
     status, _, raw = await proxy.call("POST", "/appointments", json=payload, rid="cc")
     assert status == 409
     assert_envelope(raw, 409, "Inv_ReplayConcurrent")
+    held.release()
     assert (await first)[0] == 201
     assert len(proxy.upstream.seen) == 1
 
@@ -532,14 +534,15 @@ async def test_shadow_mode_anonymous_callers_never_share_replay_keys(make_proxy:
         assert (s1, s2) == (201, 201)
         assert "Idempotent-Replayed" not in h2 and b1 != b2
         # nor can one block another's key while its request is in flight
-        p.upstream.delay_s = 0.4
+        held = p.upstream.hold_next()
         first = asyncio.ensure_future(p.call("POST", "/invoices", key=None, json=invoice,
                                              rid="anon-2"))
-        await asyncio.sleep(0.1)
+        await held.wait_arrived()
         status, _, _ = await p.call("POST", "/invoices", key=None,
                                     json={**invoice, "amount_cents": 2}, rid="anon-2")
-        assert status == 201 and (await first)[0] == 201
-        p.upstream.delay_s = 0
+        assert status == 201 and not first.done()  # answered while the first is held
+        held.release()
+        assert (await first)[0] == 201
         assert len(p.upstream.seen) == 4
         # an authenticated caller on the same shadow route keeps its anti-replay
         s5, _, _ = await p.call("POST", "/invoices", key="billing", json=invoice, rid="anon")
@@ -576,8 +579,9 @@ async def test_upstream_timeout_is_504(make_proxy: Any) -> None:
         d["upstream"]["timeout_ms"] = 200
 
     async with make_proxy(patch) as p:
-        p.upstream.delay_s = 1.0
+        held = p.upstream.hold_next()  # answers only after the proxy gave up
         status, _, raw = await p.call("GET", "/appointments")
+        assert held.request is not None and not held.released.is_set()
         assert status == 504
         assert_envelope(raw, 504, "Upstream_Timeout")
 
@@ -614,17 +618,16 @@ async def test_server_sent_events_stream_unbuffered(make_proxy: Any) -> None:
         d["policy"]["bundle"] = str(Path(__file__).parent / "fixtures" / "allow_all")
 
     async with make_proxy(patch) as p:
-        loop = asyncio.get_running_loop()
         async with p.session.get(p.url + "/events",
                                  headers={"X-API-Key": "demo-nurse"}) as resp:
             assert resp.status == 200
-            first = await resp.content.readline()
-            t_first = loop.time()
+            # the upstream sends the rest only once the first event reached the client
+            first = await asyncio.wait_for(resp.content.readline(), 10)
+            assert not p.upstream.events_resume.is_set()
+            p.upstream.events_resume.set()
             rest = await resp.content.read()
-            t_end = loop.time()
         assert first.startswith(b"data: event 0")
         assert b"event 2" in rest
-        assert t_end - t_first > 0.3  # the first event arrived before the stream ended
 
 
 async def test_unexpected_exception_is_500_envelope_and_never_forwards(proxy: Proxy) -> None:
@@ -693,11 +696,12 @@ async def test_counters_move_with_what_happened(proxy: Proxy) -> None:
     await proxy.call("POST", "/sms", key="nurse", json=sms, rid="m-2")
     await proxy.call("POST", "/sms", key="nurse", json=sms, rid="m-3")  # rate limited
     outcomes = 'casf_audit_events_total{kind="outcome"}'
-    for _ in range(100):  # outcome records are committed after the response
-        after = await proxy.metrics()
-        if metric(after, outcomes) - metric(before, outcomes) >= 2:
-            break
-        await asyncio.sleep(0.02)
+
+    async def outcomes_committed() -> str | None:  # committed after the response
+        text = await proxy.metrics()
+        return text if metric(text, outcomes) - metric(before, outcomes) >= 2 else None
+
+    after = await wait_until(outcomes_committed, "both outcome records committed")
     for sample, delta in (("casf_replay_hit_total", 1), ("casf_replay_mismatch_total", 1),
                           ("casf_rate_limited_total", 1),
                           ("casf_upstream_duration_seconds_count", 2),

@@ -51,6 +51,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.servers import ExternalPostgres, PostgresServer, ProxyProcess
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -385,15 +386,13 @@ async def test_killed_connection_leaves_no_gap_and_loses_nothing(pg_dsn: str) ->
     results = await inflight
     acked += [r for r in results if not isinstance(r, BaseException)]
     assert all(isinstance(r, AuditUnavailable) for r in results if isinstance(r, BaseException))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while True:  # recovery without restart
+    async def appended() -> Any:  # recovery without restart
         try:
-            acked.append(await sink.append({"event_id": "after", "kind": "decision"}))
-            break
+            return await sink.append({"event_id": "after", "kind": "decision"})
         except AuditUnavailable:
-            assert loop.time() < deadline, "the sink did not recover"
-            await asyncio.sleep(0.1)
+            return None
+
+    acked.append(await wait_until(appended, "the sink to recover", interval=0.1))
     await sink.close()
     stored = await rows(pg_dsn, "k1")
     assert [type(r) for r in verify_records(stored)] == [ChainCheck]
@@ -418,15 +417,14 @@ async def test_unique_key_stops_a_writer_without_the_lease(pg_dsn: str) -> None:
         await conn.close()
     with pytest.raises(AuditUnavailable):
         await sink.append({"event_id": "x2", "kind": "decision"})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while True:
+    async def appended() -> Any:
         try:
-            third = await sink.append({"event_id": "x3", "kind": "decision"})
-            break
+            return await sink.append({"event_id": "x3", "kind": "decision"})
         except AuditUnavailable:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.1)
+            return None
+
+    third = await wait_until(appended, "the sink to append after the rogue record",
+                             interval=0.1)
     await sink.close()
     assert third.seq == 3  # continued after the rogue record: no fork, no gap
     stored = await rows(pg_dsn, "u1")
@@ -567,14 +565,12 @@ async def test_outage_refuses_everything_and_recovers_without_restart(
                 assert r.status == 503 and (await r.json())["checks"]["audit"] == "unavailable"
 
             await asyncio.to_thread(server.start)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 15
-            while True:  # readiness comes back by itself, before any traffic
+            async def ready() -> bool:  # readiness comes back by itself, before any traffic
                 async with p.session.get(p.admin + "/healthz") as r:
-                    if r.status == 200:
-                        break
-                assert loop.time() < deadline, "audit store did not recover"
-                await asyncio.sleep(0.1)
+                    return r.status == 200
+
+            await wait_until(ready, "the audit store to recover (readiness 200)", timeout=15,
+                             interval=0.1)
             assert (await p.call("GET", "/appointments"))[0] == 200
             # the refused write released its idempotency claim: the retry proceeds
             assert (await p.call("POST", "/appointments", json=APPT, rid="during"))[0] == 201

@@ -19,6 +19,7 @@ from proxy.config import Mode
 from proxy.redisstate import RedisConnection, RedisModeStore, RedisSettings, _text
 from tests.conftest import ADMIN_TOKEN, Proxy, clinic_env, write_config
 from tests.servers import ProxyProcess, RedisClusterServers, RedisServer
+from tests.waiting import wait_until
 
 APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
 
@@ -171,23 +172,28 @@ async def test_abandoned_claim_expires_after_lease(
                               CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
         a = ProxyProcess(p.cfg.source, env, tmp_path / "a.log")
         a.start()
-        p.upstream.delay_s = 5
+        held = p.upstream.hold_next()  # the upstream is still busy with A's request
         async with aiohttp.ClientSession() as s:
             req = asyncio.ensure_future(s.post(a.url + "/appointments", json=APPT, headers={
                 "X-API-Key": "demo-receptionist", "Idempotency-Key": "crash"}))
-            await asyncio.sleep(0.4)
+            await held.wait_arrived()  # A holds the claim: it forwarded the request
             a.kill()
             with pytest.raises(aiohttp.ClientError):
                 await req
-        p.upstream.delay_s = 0
         status, _, raw = await p.call("POST", "/appointments", json=APPT, rid="crash")
         assert status == 409 and b"Inv_ReplayConcurrent" in raw
-        await asyncio.sleep(1.1)
-        assert (await p.call("POST", "/appointments", json=APPT, rid="crash"))[0] == 201
+
+        async def claimable() -> bool:  # 409 until the lease (1 s) runs out
+            return (await p.call("POST", "/appointments", json=APPT, rid="crash"))[0] == 201
+
+        await wait_until(claimable, "the abandoned claim to expire with its lease",
+                         interval=0.05)
 
 
 async def test_mode_switch_reaches_other_process_within_a_second(
-        tmp_path: Path, redis_server: RedisServer, make_proxy: Any) -> None:
+        tmp_path: Path, redis_server: RedisServer, make_proxy: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="casf.redis")
     async with make_proxy(REDIS_URL=redis_server.url) as b:
         env = dict(clinic_env(b.upstream.url, tmp_path, REDIS_URL=redis_server.url,
                               CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
@@ -198,16 +204,14 @@ async def test_mode_switch_reaches_other_process_within_a_second(
                 async with s.put(a.admin + "/admin/mode", json={"mode": "READ_ONLY"},
                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
                     assert r.status == 200
-                loop = asyncio.get_running_loop()
-                t0 = loop.time()
-                while b.rt.mode.current().value != "READ_ONLY":
-                    assert loop.time() - t0 < 1.0, "mode did not propagate within 1 s"
-                    await asyncio.sleep(0.01)
+                await wait_until(lambda: b.rt.mode.current().value == "READ_ONLY",
+                                 "the mode to reach the other replica", timeout=1.0)
             status, _, raw = await b.call("POST", "/appointments", json=APPT, rid="m1")
             assert status == 403 and b"Mode_ReadOnly_NoWrite" in raw
             # a replica that cannot reach Redis keeps the last mode it saw
             redis_server.stop()
-            await asyncio.sleep(0.6)
+            await wait_until(lambda: follower_warned(caplog),
+                             "the mode follower to notice that Redis is gone")
             assert b.rt.mode.current().value == "READ_ONLY"
             redis_server.start()
         finally:
@@ -227,13 +231,26 @@ async def test_mode_relaxation_needs_redis(redis_proxy: Any, redis_server: Redis
         redis_server.start()
 
 
+UNAVAILABLE = "mode follower: Redis unavailable"
+
+
+def follower_warned(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the mode follower warned that Redis is unavailable."""
+    return [r.getMessage().startswith(UNAVAILABLE) for r in caplog.records].count(True)
+
+
 async def wait_for_mode(read: Callable[[], Awaitable[str]], want: str, within: float) -> float:
     """Poll ``read`` until it answers ``want``; the seconds that took (fails after ``within``)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    while (got := await read()) != want:
-        assert loop.time() - t0 < within, f"mode still {got}, not {want}, after {within} s"
-        await asyncio.sleep(0.02)
+    seen: list[str] = []
+
+    async def arrived() -> bool:
+        seen.append(await read())
+        return seen[-1] == want
+
+    await wait_until(arrived, lambda: f"mode {want} (still {seen[-1]})", timeout=within,
+                     interval=0.02)
     return loop.time() - t0
 
 
@@ -245,7 +262,6 @@ async def test_replica_started_while_redis_is_down_follows_the_mode_once_it_is_b
     # and the replica must still shut down cleanly (exit 0)
     redis_server = RedisServer(tmp_path / "redis")  # its port, not started yet
     caplog.set_level(logging.WARNING, logger="casf.redis")
-    unavailable = "mode follower: Redis unavailable"
     a: ProxyProcess | None = None
     try:
         async with make_proxy(REDIS_URL=redis_server.url) as b:
@@ -253,7 +269,13 @@ async def test_replica_started_while_redis_is_down_follows_the_mode_once_it_is_b
                                   CASF_AUDIT_PATH=str(tmp_path / "a.db")).variables)
             a = ProxyProcess(b.cfg.source, env, tmp_path / "a.log")
             a.start()
-            await asyncio.sleep(1.0)  # an outage of several follower turns
+            log = a.log
+            await wait_until(lambda: follower_warned(caplog) and UNAVAILABLE in log.read_text(),
+                             "both replicas' mode followers to meet the outage")
+            # the outage lasts several follower turns (retries 0.25, 0.5, 1 s apart):
+            # its length is the behaviour under test (one warning per outage, not
+            # per turn), not a wait for something to happen
+            await asyncio.sleep(1.0)
             assert b.rt.mode.current() is Mode.ALLOW
             redis_server.start()
             conn = RedisConnection(RedisSettings(redis_server.url))
@@ -281,9 +303,8 @@ async def test_replica_started_while_redis_is_down_follows_the_mode_once_it_is_b
             assert status == 403 and b"Mode_KillSwitch" in raw
             # still running (a task that died would no longer be listed)
             (follower,) = [t for t in asyncio.all_tasks() if t.get_name() == "casf-mode-follow"]
-            assert [r.getMessage().startswith(unavailable)
-                    for r in caplog.records].count(True) == 1  # once per outage, not per turn
-            assert a.log.read_text().count(unavailable) == 1
+            assert follower_warned(caplog) == 1  # once per outage, not per turn
+            assert a.log.read_text().count(UNAVAILABLE) == 1
             code = a.stop()
         assert code == 0, a.log.read_text()[-2000:]
         assert follower.cancelled()  # stopped by the shutdown, not dead of an error
@@ -310,14 +331,18 @@ async def test_mode_follower_resubscribes_after_a_redis_restart(
         await admin.set(Mode.READ_ONLY)
         await wait_for_mode(current, "READ_ONLY", 2.0)
         redis_server.stop()  # the follower's pub/sub connection is lost
-        await asyncio.sleep(1.5)
+        await wait_until(lambda: follower_warned(caplog),
+                         "the mode follower to notice the lost connection")
         assert replica.current() is Mode.READ_ONLY  # the last mode seen is kept
+        # the outage outlasts a retry (1 s apart here): its length is the behaviour
+        # under test (one warning per outage), not a wait for something to happen
+        await asyncio.sleep(1.5)
+        assert replica.current() is Mode.READ_ONLY
         redis_server.start()  # same port, empty data
         await admin.set(Mode.KILL_SWITCH)
         took = await wait_for_mode(current, "KILL_SWITCH", 3.0)
         print(f"KILL_SWITCH taken up {took:.3f} s after it was set")
-        assert [r.getMessage().startswith("mode follower: Redis unavailable")
-                for r in caplog.records].count(True) == 1
+        assert follower_warned(caplog) == 1
     finally:
         await replica.close()  # raises if the follower died of an error
         await conn.close()
@@ -392,9 +417,11 @@ async def test_proxy_on_a_three_master_cluster(tmp_path: Path, make_proxy: Any) 
         cluster.stop()
 
 
-async def test_mode_survives_a_redis_restart_that_lost_it(redis_server: RedisServer) -> None:
+async def test_mode_survives_a_redis_restart_that_lost_it(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """Redis comes back empty: the replica that saw KILL_SWITCH puts it back, so a
     replica started afterwards (config default ALLOW) enforces KILL_SWITCH too."""
+    caplog.set_level(logging.WARNING, logger="casf.redis")
     settings = RedisSettings(redis_server.url, mode_refresh_s=0.1)
     conn, late_conn = RedisConnection(settings), RedisConnection(settings)
     replica = RedisModeStore(conn, Mode.ALLOW)
@@ -407,17 +434,18 @@ async def test_mode_survives_a_redis_restart_that_lost_it(redis_server: RedisSer
     try:
         await replica.set(Mode.KILL_SWITCH)
         redis_server.stop()
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: follower_warned(caplog),
+                         "the mode follower to notice that Redis is gone")
         redis_server.start()  # same port, no data: the mode key is gone
-        deadline = asyncio.get_running_loop().time() + 5
-        raw = None
-        while asyncio.get_running_loop().time() < deadline:
+
+        async def restored() -> Any:
             with contextlib.suppress(Exception):
-                raw = await conn.client.get(replica.key)
-            if raw is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert raw is not None and _text(raw) == "KILL_SWITCH"
+                return await conn.client.get(replica.key)
+            return None
+
+        raw = await wait_until(restored, "the replica to put its mode back into Redis",
+                               interval=0.05)
+        assert _text(raw) == "KILL_SWITCH"
         assert (await current()) == "KILL_SWITCH"
         late = RedisModeStore(late_conn, Mode.ALLOW)
         await late.start()

@@ -13,7 +13,7 @@ import re
 import shutil
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.servers import ProxyProcess
+from tests.waiting import wait_until
 
 APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
 RECEPTIONIST_READS = ('"cliniccloud.list_appointments": '
@@ -77,14 +78,6 @@ def config_hashes(text: str) -> dict[str, float]:
             re.findall(r'^casf_config_info\{hash="([0-9a-f]+)"\} ([0-9.e+-]+)$', text, re.M)}
 
 
-async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await cond():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def get_metrics(session: aiohttp.ClientSession, admin: str) -> str:
     async with session.get(admin + "/metrics") as r:
         return await r.text()
@@ -123,6 +116,12 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
+    async def more(self, n: int) -> None:
+        """Wait until ``n`` more requests have completed (the load keeps running)."""
+        want = len(self.results) + len(self.errors) + n
+        await wait_until(lambda: len(self.results) + len(self.errors) >= want,
+                         f"{n} more requests of the load to complete")
+
     def failures(self) -> list[Any]:
         ok = {"read": 200, "write": 201}
         return self.errors + [r for r in self.results if r[1] != ok[r[0]]]
@@ -145,13 +144,14 @@ async def test_valid_change_applied_under_load_without_a_failed_request(
         assert (await p.call("GET", "/appointments"))[0] == 200  # receptionist may read
         load = Load(p)
         load.start()
-        await asyncio.sleep(0.3)
-        # a slow request in flight across the switch finishes under the old config
-        upstream.delay_s = 0.8
+        await load.more(20)
+        # a slow request in flight across the switch finishes under the old config:
+        # the upstream holds it until the new config is in force
+        held = upstream.hold_next(lambda seen: "ab" * 16 in seen.headers.get("traceparent", ""))
         slow = asyncio.ensure_future(p.call("GET", "/appointments", key="doctor",
                                             headers={"traceparent": "00-" + "ab" * 16 + "-"
                                                      + "cd" * 8 + "-01"}))
-        await asyncio.sleep(0.1)
+        await held.wait_arrived()
         rego = policies / "casf.rego"
         text = rego.read_text()
         assert RECEPTIONIST_READS in text
@@ -160,11 +160,12 @@ async def test_valid_change_applied_under_load_without_a_failed_request(
         async def reloaded() -> bool:
             return p.rt.pipeline.policy_hash != old_policy
 
-        await wait_until(reloaded)
-        upstream.delay_s = 0
+        await wait_until(reloaded, "the new policy to be in force")
+        assert not slow.done()
+        held.release()
         status, _, _ = await slow
         assert status == 200
-        await asyncio.sleep(0.3)  # more load under the new config
+        await load.more(20)  # more load under the new config
         await load.stop()
         assert not load.failures(), load.failures()[:5]
         assert len(load.results) > 20
@@ -200,20 +201,21 @@ async def test_invalid_change_is_rejected_and_the_old_config_keeps_serving(
         good_rego, good_keys, good_cfg = rego.read_text(), keys.read_text(), path.read_text()
         write(rego, good_rego + "\nallow if {\n")
 
-        async def errors(n: int) -> bool:
-            return metric(await p.metrics(), "casf_config_reload_total", result="error") >= n
+        async def errors(n: int) -> bool:  # the load runs: read /metrics as it is
+            text = await get_metrics(p.session, p.admin)
+            return metric(text, "casf_config_reload_total", result="error") >= n
 
-        await wait_until(lambda: errors(1))
+        await wait_until(lambda: errors(1), "the first failed reload")
         assert p.rt.pipeline.policy_hash == policy_hash
         # 2. a keys file that does not parse (keys are read before the policy)
         write(keys, "keys: [{id: broken}]\n")
-        await wait_until(lambda: errors(2))
+        await wait_until(lambda: errors(2), "the second failed reload")
         # 3. a config key that does not exist (checked before both)
         data = yaml.safe_load(good_cfg)
         data["upstream"]["timeout_milliseconds"] = 5
         write(path, yaml.safe_dump(data))
-        await wait_until(lambda: errors(3))
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: errors(3), "the third failed reload")
+        await load.more(20)  # the last-known-good config keeps serving the load
         await load.stop()
         assert not load.failures(), load.failures()[:5]
         # the last-known-good config still serves, receptionist key included
@@ -241,7 +243,7 @@ async def test_invalid_change_is_rejected_and_the_old_config_keeps_serving(
             assert metric(text, "casf_config_reload_total", result="success") == 0
             return metric(text, "casf_config_reload_total", result="unchanged") >= 1
 
-        await wait_until(succeeded)
+        await wait_until(succeeded, "a successful reload once the files are fixed")
         assert p.rt.pipeline.policy_hash == policy_hash
         assert (await p.call("GET", "/appointments"))[0] == 200
 
@@ -289,7 +291,7 @@ async def test_configmap_symlink_swap_is_picked_up(tmp_path: Path, upstream: Ups
         async def swapped() -> bool:
             return p.rt.pipeline.policy_hash != old_policy
 
-        await wait_until(swapped)
+        await wait_until(swapped, "the swapped policy to be in force")
         assert (await p.call("GET", "/appointments"))[0] == 403
         assert (await p.call("GET", "/appointments", key="nurse"))[0] == 200
         # a second swap (config only: a new route is mapped) is picked up as well
@@ -302,7 +304,7 @@ async def test_configmap_symlink_swap_is_picked_up(tmp_path: Path, upstream: Ups
         async def config_swapped() -> bool:
             return p.rt.cfg.digest != before
 
-        await wait_until(config_swapped)
+        await wait_until(config_swapped, "the swapped config to be in force")
         status, _, raw = await p.call("GET", "/clinics", key="nurse")
         assert status == 403 and json.loads(raw)["reason_codes"] == ["Tool_Unknown"]
         assert metric(await p.metrics(), "casf_config_reload_total", result="success") == 2
@@ -332,7 +334,8 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
                 before = (await healthz())["config_hash"]
                 rego = policies / "casf.rego"
                 write(rego, rego.read_text().replace(RECEPTIONIST_READS, NO_RECEPTIONIST))
-                await asyncio.sleep(0.5)  # watch: false: nothing happens by itself
+                # watch: false: nothing happens by itself (the log check at the end:
+                # every reload of this process was a SIGHUP, none a file change)
                 assert (await healthz())["config_hash"] == before
                 assert await status("receptionist") == 200
                 proc.proc.send_signal(signal.SIGHUP)
@@ -340,7 +343,7 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
                 async def changed() -> bool:
                     return (await healthz())["config_hash"] != before
 
-                await wait_until(changed)
+                await wait_until(changed, "the SIGHUP reload to change the config hash")
                 assert await status("receptionist") == 403
                 text = await get_metrics(s, proc.admin)
                 assert metric(text, "casf_config_reload_total", result="success") == 1
@@ -355,7 +358,7 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
                     return metric(await get_metrics(s, proc.admin), "casf_config_reload_total",
                                   result="success") == 2
 
-                await wait_until(twice)
+                await wait_until(twice, "the second SIGHUP reload")
         finally:
             assert proc.stop() == 0
     lines = [json.loads(line) for line in (tmp_path / "proxy.log").read_text().splitlines()
@@ -363,4 +366,4 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
     reloads = [ln for ln in lines if ln.get("event") == "config_reload"]
     assert [ln["result"] for ln in reloads if "result" in ln] == ["success", "success"]
     assert any(ln.get("restart_required") == ["redis"] for ln in reloads)
-    assert "SIGHUP" in reloads[0]["msg"]
+    assert all("SIGHUP" in ln["msg"] for ln in reloads), [ln["msg"] for ln in reloads]

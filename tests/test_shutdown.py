@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import aiohttp
 
 from tests.conftest import KEYS, ROOT, clinic_env, run_upstream, write_config
 from tests.servers import ProxyProcess
+from tests.waiting import wait_until
 
 APPT = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
 DELAY_MS = 700
@@ -75,14 +75,16 @@ async def test_sigterm_under_load_drains_everything_and_the_chain_verifies(
                         assert (await r.json())["status"] == "draining"
                         removed.set()
                         return
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the probe's period, like a load balancer's
 
         async with aiohttp.ClientSession() as traffic, aiohttp.ClientSession() as admin:
             async with admin.get(proc.admin + "/healthz") as r:
                 assert r.status == 200
             clients = [asyncio.ensure_future(client(traffic, i)) for i in range(20)]
             prober = asyncio.ensure_future(probe(admin))
-            await asyncio.sleep(0.6)
+            # two rounds of the 20 clients done (each request takes 0.25 s upstream)
+            await wait_until(lambda: len(outcomes) + len(errors) >= 40,
+                             "40 requests of the load to complete")
             t["sigterm"] = loop.time()
             proc.proc.terminate()
             await prober
@@ -133,7 +135,7 @@ async def test_drain_timeout_bounds_the_shutdown(tmp_path: Path) -> None:
         d["shutdown"] = {"delay_ms": 0, "drain_timeout_ms": 300}
 
     async with run_upstream() as up:
-        up.delay_s = 1.5
+        held = up.hold_next()  # answered only after the test: longer than any drain
         path = write_config(tmp_path, patch)
         proc = ProxyProcess(path, dict(clinic_env(up.url, tmp_path).variables),
                             tmp_path / "proxy.log")
@@ -142,16 +144,17 @@ async def test_drain_timeout_bounds_the_shutdown(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as s:
             req = asyncio.ensure_future(s.get(proc.url + "/appointments",
                                               headers={"X-API-Key": KEYS["nurse"]}))
-            await asyncio.sleep(0.3)
-            started = time.monotonic()
+            await held.wait_arrived()  # in flight
             proc.proc.terminate()
             code = await asyncio.to_thread(proc.proc.wait, 10)
-            elapsed = time.monotonic() - started
             proc.proc = None
+            # it exited while the upstream still held the request: the drain was bounded
+            assert not held.released.is_set()
             try:
                 await req
             except aiohttp.ClientError:
                 pass
         assert code == 0
-        assert elapsed < 1.3
-        assert '"cut_off":1' in (tmp_path / "proxy.log").read_text()
+        log = (tmp_path / "proxy.log").read_text()
+        assert '"cut_off":1' in log
+        assert "still running at the 300 ms drain timeout were cut off" in log

@@ -15,6 +15,7 @@ from proxy.embedded.memory import MemoryAdmissionStore
 from proxy.ports import Claim, ClaimState, RateCheck, StoredOutcome
 from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisSettings
 from tests.servers import RedisClusterServers, RedisServer
+from tests.waiting import wait_until
 
 _PREFIXES = itertools.count()
 # these tests check semantics, not latency: a loaded CI machine must not turn
@@ -107,18 +108,21 @@ async def test_completed_outcome_is_not_released(store: Any) -> None:
     assert (await store.admit("s1", claim(), [], True)).claim_state is ClaimState.REPLAY
 
 
+async def claimable(store: Any) -> bool:
+    return bool((await store.admit("s1", claim(), [], True)).claimed)
+
+
 async def test_lease_expires_an_abandoned_claim(store: Any) -> None:
-    await store.admit("s1", claim(lease=0.3), [], True)  # its holder "crashes"
+    # the lease leaves ample time for the in-flight check right after the claim
+    await store.admit("s1", claim(lease=1.0), [], True)  # its holder "crashes"
     assert (await store.admit("s1", claim(), [], True)).claim_state is ClaimState.IN_FLIGHT
-    await asyncio.sleep(0.45)
-    assert (await store.admit("s1", claim(), [], True)).claimed
+    await wait_until(lambda: claimable(store), "the abandoned claim's lease to expire")
 
 
 async def test_outcome_ttl(store: Any) -> None:
     await store.admit("s1", claim(), [], True)
     await store.complete(claim(), OUTCOME, 0.3)
-    await asyncio.sleep(0.45)
-    assert (await store.admit("s1", claim(), [], True)).claimed
+    await wait_until(lambda: claimable(store), "the stored outcome's TTL to expire")
 
 
 async def test_not_proceeding_consumes_nothing_and_claims_nothing(store: Any) -> None:

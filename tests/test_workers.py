@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import aiohttp
 
 from tests.conftest import KEYS, ROOT, clinic_env, run_upstream, write_config
 from tests.servers import RedisServer, free_port
+from tests.waiting import wait_until
 
 
 def log_lines(path: Path) -> list[dict[str, Any]]:
@@ -30,14 +30,15 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
 
 async def wait_for_log(path: Path, proc: subprocess.Popen[bytes], pattern: str, count: int,
                        timeout: float = 20) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def logged() -> list[str] | None:
         found = re.findall(pattern, path.read_text())
         if len(found) >= count:
             return found
         assert proc.poll() is None, path.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{pattern!r} x{count} not logged"
-        await asyncio.sleep(0.05)
+        return None
+
+    return await wait_until(logged, f"{pattern!r} logged {count} times", timeout=timeout,
+                            interval=0.05)
 
 
 def requests_total(text: str) -> float:

@@ -7,10 +7,14 @@ with that method's challenge; it never falls through to another method.
 
 from __future__ import annotations
 
-from proxy.identity import Identity
+from typing import TYPE_CHECKING
+
 from proxy.identity.base import AuthFailure
 from proxy.model import Exchange, Verdict
 from proxy.reasons import Reason
+
+if TYPE_CHECKING:  # the stage only calls what the identity sources give it
+    from proxy.identity import Identity
 
 
 class AuthenticateStage:

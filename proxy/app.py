@@ -34,10 +34,17 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.approvals import core as approval_states
+from proxy.approvals.api import add_approval_routes, api_key_header, identity_authenticator
+from proxy.approvals.model import Details
+from proxy.approvals.runtime import open_approvals
+from proxy.approvals.service import Approvals
 from proxy.audit.postgres import PostgresAuditSink
-from proxy.audit.records import now_iso
+from proxy.audit.records import EventIds, now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
+from proxy.console.app import ConsoleDeps, add_console
+from proxy.console.auditview import AuditView, PostgresAuditView, SqliteAuditView
 from proxy.core import DecisionCore, trace_context
 from proxy.doors.decisions import DecisionDoors
 from proxy.doors.inline import InlineProxy
@@ -62,6 +69,7 @@ from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisModeStor
 from proxy.settings import Environment
 from proxy.stages import Stage
 from proxy.stages.admission import AdmissionStage
+from proxy.stages.approval import ApprovalGate
 from proxy.stages.attributes import AttributeBuilder
 from proxy.stages.authenticate import AuthenticateStage
 from proxy.stages.policy import PolicyStage
@@ -187,6 +195,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         changed.append("mode.default")
     if old.mode_state_path != new.mode_state_path:
         changed.append("mode.state_path")
+    if old.approvals != new.approvals:
+        changed.append("approvals")
     return changed
 
 
@@ -259,6 +269,9 @@ class Runtime:
         self.audit = audit
         self.mode = mode
         self.state = state
+        self.event_ids = EventIds()  # one sequence for every generation's records
+        self.approvals: Approvals | None = None  # process-wide (approvals: needs a restart)
+        self.audit_view: AuditView | None = None  # what the console reads
         self.backends = backends
         self.redis = redis
         self.worker = worker
@@ -321,6 +334,7 @@ class Runtime:
         conn: RedisConnection | None = None
         mode_follow: RedisModeStore | None = None
         rt: Runtime | None = None
+        approvals_stack = contextlib.AsyncExitStack()
         try:
             state: AdmissionStore
             mode: ModeStore
@@ -349,6 +363,16 @@ class Runtime:
                             "shared between replicas); audit on %s (chain %r)", audit_where,
                             audit.chain_id)
             rt = cls(env, metrics, audit, mode, state, backends, conn, worker)
+            if cfg.approvals is not None:
+                runtime = rt
+                rt.approvals = await approvals_stack.enter_async_context(open_approvals(
+                    cfg.approvals, audit=audit, redis=conn, registry=metrics.registry,
+                    event_id=rt.event_ids.next,
+                    policy_hash=lambda: runtime.pipeline.policy_hash,
+                    config_hash=lambda: runtime.cfg.digest))
+                backends["approvals"] = "redis" if conn is not None else "memory"
+                rt.audit_view = (PostgresAuditView(env.pg_dsn) if env.pg_dsn
+                                 else SqliteAuditView(cfg.audit.sqlite_path))
             rt._gen = await rt._build(cfg, None)
             rt._stats = stats
             metrics.set_config_hash(cfg.digest)
@@ -358,6 +382,9 @@ class Runtime:
         finally:
             if rt is not None:
                 await rt._close_generations()
+                if rt.audit_view is not None:
+                    await rt.audit_view.close()
+            await approvals_stack.aclose()
             if mode_follow is not None:
                 await mode_follow.close()
             if conn is not None:
@@ -397,10 +424,15 @@ class Runtime:
                            cfg.replay_lease_s, self.metrics),
             PolicyStage(engine_value),
         ]
+        gate: ApprovalGate | None = None
+        if self.approvals is not None:
+            gate = ApprovalGate(self.approvals, Details, approval_states, approval_states.DENIED,
+                                approval_states.NOT_PENDING, cfg.audit.redact)
+            stages.insert(-1, gate)  # after admission (the claim), before the policy
         trail = AuditTrail(self.audit, self.metrics, engine_value.policy_hash, cfg.audit.redact,
-                           cfg.digest, prev.pipeline.trail.event_ids if prev else None)
+                           cfg.digest, self.event_ids)
         core = DecisionCore(cfg, stages, state=self.state, mode=self.mode, trail=trail,
-                            metrics=self.metrics)
+                            metrics=self.metrics, approvals=gate)
         pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
                                consumed_headers=ident.consumed_headers,
                                stripped_headers=ident.stripped_headers)
@@ -547,6 +579,20 @@ class Runtime:
         app.router.add_put("/admin/mode", self._put_mode)
         app.router.add_post("/admin/identity/reload", self._reload_identity)
         app.router.add_post("/admin/config/reload", self._reload_config)
+        # approvers act with their own identity (API key, JWT, trusted headers), never
+        # the operator token: the approver API and the console (docs/approvals.md)
+        auth = identity_authenticator(lambda: self.identity)
+        add_approval_routes(app, lambda: self.approvals, auth,
+                            lambda: self.pipeline.policy_hash)
+        if self.approvals is not None and self.audit_view is not None:
+            console = self.cfg.approvals.console if self.cfg.approvals else None
+            add_console(app, ConsoleDeps(
+                approvals=lambda: self.approvals, authenticate=auth,
+                api_key_header=lambda: api_key_header(self.identity),
+                audit=self.audit_view, mode=lambda: self.mode.current().value,
+                policy_hash=lambda: self.pipeline.policy_hash,
+                session_ttl_s=console.session_ttl_seconds if console else 900.0,
+                cookie_secure=console.cookie_secure if console else True))
         return app
 
     def _admin_envelope(self, request: web.BaseRequest, status: int, reasons: tuple[str, ...],

@@ -20,6 +20,7 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
+from proxy.approvals.config import ApprovalsConfig, ApprovalsConfigError, parse_approvals
 from proxy.logs import redact_url
 from proxy.routing import OverlapError, RouteTable, Template, TemplateError, passthrough_covers
 from proxy.settings import Environment
@@ -345,6 +346,7 @@ class Config:
     reload: ReloadConfig = ReloadConfig()
     decisions_listener: Listener | None = None
     decisions: DecisionsConfig = DecisionsConfig()
+    approvals: ApprovalsConfig | None = None
     mode_state_path: Path | None = None  # mode.state_path (None only in hand-built configs)
 
     @property
@@ -468,7 +470,7 @@ class _Reader:
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
-             "shutdown", "reload", "decisions"}
+             "shutdown", "reload", "decisions", "approvals"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -688,6 +690,10 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     )
 
     decisions = _decisions(r, top.get("decisions"), routes, enforce_default)
+    try:
+        approvals = parse_approvals(top.get("approvals"), "approvals", expand=r.expand)
+    except ApprovalsConfigError as exc:
+        r.fail(exc.path, exc.problem)
 
     digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
     return Config(
@@ -697,7 +703,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         routes=routes,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest, shutdown=shutdown, reload=reload,
-        decisions_listener=decisions_listener, decisions=decisions,
+        decisions_listener=decisions_listener, decisions=decisions, approvals=approvals,
         mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
     )
 

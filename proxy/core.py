@@ -45,6 +45,7 @@ from proxy.reasons import Reason
 from proxy.requestcheck import header_verdict, override_param_verdict
 from proxy.routing import PASSTHROUGH_METHODS
 from proxy.stages import Stage
+from proxy.stages.approval import ApprovalGate
 from proxy.stages.replay import client_request_id
 from proxy.trail import AuditTrail
 
@@ -117,13 +118,15 @@ class DecisionCore:
     """One config generation's decision logic; shared by every front door."""
 
     def __init__(self, cfg: Config, stages: list[Stage], *, state: AdmissionStore,
-                 mode: ModeStore, trail: AuditTrail, metrics: Metrics) -> None:
+                 mode: ModeStore, trail: AuditTrail, metrics: Metrics,
+                 approvals: ApprovalGate | None = None) -> None:
         self.cfg = cfg
         self.stages = stages
         self.state = state
         self.mode = mode
         self.trail = trail
         self.metrics = metrics
+        self.approvals = approvals  # also in ``stages``, before the policy
 
     @property
     def policy_hash(self) -> str:
@@ -201,6 +204,10 @@ class DecisionCore:
                 if ex.principal is None:
                     ex.principal = _ANONYMOUS
                 continue
+            if (verdict.decision == "NEEDS_APPROVAL" and verdict.approval is None
+                    and self.approvals is not None):
+                # the policy asks for a human: the approval to wait for, found or created
+                verdict = await self.approvals.needs(ex, verdict)
             return await self.deny(ex, verdict)
         # 9. the record names what shadow mode would have denied and which
         # dependency a fail-open route went on without
@@ -222,7 +229,15 @@ class DecisionCore:
         return Decision("deny", verdict, claim=claim)
 
     async def allow(self, ex: Exchange, reasons: tuple[str, ...]) -> Decision:
-        """Commit the ALLOW decision record; only then may the door act."""
+        """Commit the ALLOW decision record; only then may the door act.
+
+        A request that carries an approved approval uses it first, atomically:
+        of concurrent retries, one goes; an approval covers one delivery.
+        """
+        if ex.approval is not None and self.approvals is not None:
+            refused = await self.approvals.consume(ex)
+            if refused is not None:
+                return await self.deny(ex, refused)
         claim = self._claim(ex)
         try:
             record = await self.trail.record(ex, "decision", "ALLOW", 200, reasons)

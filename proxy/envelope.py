@@ -32,6 +32,8 @@ def envelope_doc(verdict: Verdict, tool: str | None, request_id: str, trace_id: 
     for name, value in (*verdict.headers, *extra):
         if name.lower() == "retry-after" and value.isdigit():
             doc["retry_after"] = int(value)
+    if verdict.approval is not None:
+        doc["approval"] = dict(verdict.approval)
     return doc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ class Verdict:
     shadowable: bool = True
     fail_closed_trigger: str | None = None
     replay: StoredOutcome | None = None  # a replayed outcome, not a deny
+    approval: Mapping[str, Any] | None = None  # the envelope's "approval" (NEEDS_APPROVAL)
 
 
 @dataclass(slots=True)
@@ -80,6 +82,7 @@ class Exchange:
     extra_reasons: tuple[str, ...] = ()  # reported next to a deny's own
     door_request_id: str | None = None  # a decision door's request id from its body
     record_extra: dict[str, Any] = field(default_factory=dict)  # added to decision records
+    approval: Any = None  # the approved approval this request carries (proxy.approvals)
 
     @property
     def tool(self) -> str:

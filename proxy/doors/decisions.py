@@ -150,13 +150,18 @@ class DecisionDoors:
         outputs = ex.allowed_outputs if verdict is None else ()
         shown = tuple(r for r in reasons) if verdict else ()
         await _settle(decision, _stored(outcome, 200, shown, message, outputs))
-        return self._response(outcome, shown, message, outputs, ex), outcome, 200, reasons
+        approval = verdict.approval if verdict is not None else None
+        return (self._response(outcome, shown, message, outputs, ex, approval), outcome, 200,
+                reasons)
 
     def _response(self, decision: str, violations: tuple[str, ...], reason: str,
-                  outputs: tuple[str, ...], ex: Exchange) -> web.Response:
-        resp = web.json_response({"decision": decision, "violations": list(violations),
-                                  "allowed_outputs": list(outputs), "reason": reason},
-                                 dumps=lambda o: orjson.dumps(o).decode())
+                  outputs: tuple[str, ...], ex: Exchange,
+                  approval: Any = None) -> web.Response:
+        doc: dict[str, Any] = {"decision": decision, "violations": list(violations),
+                               "allowed_outputs": list(outputs), "reason": reason}
+        if approval is not None:
+            doc["approval"] = dict(approval)
+        resp = web.json_response(doc, dumps=lambda o: orjson.dumps(o).decode())
         resp.headers["X-Casf-Trace-Id"] = ex.trace_id
         resp.headers["Cache-Control"] = "no-store"
         return resp
@@ -306,11 +311,13 @@ async def _release(decision: Decision) -> None:
 
 
 async def _settle(decision: Decision, outcome: StoredOutcome) -> None:
-    """Complete the claim with the decision; a fail-closed refusal releases it, so a
-    retry once the dependency is back is decided afresh."""
+    """Complete the claim with the decision; a fail-closed refusal or a request
+    awaiting approval releases it (the approval binds the id to its payload)."""
     if decision.claim is None:
         return
-    if decision.verdict is not None and decision.verdict.status >= 500:
+    if decision.verdict is not None and (decision.verdict.status >= 500
+                                         or decision.verdict.decision == "NEEDS_APPROVAL"):
+        # decided afresh on retry: once the dependency is back, or once approved
         await decision.claim.release()
     else:
         await decision.claim.complete(outcome)

@@ -1,5 +1,6 @@
 # Clinic example policy (Rego v1). Query: data.casf.
-# Input: contract §4 (tool, effect, mode, role, subject, args, context, principal, request).
+# Input: docs/policy-input.md (tool, effect, mode, role, subject, args, context,
+# principal, request, and approval on an approved retry).
 package casf
 
 import rego.v1
@@ -14,7 +15,7 @@ known_roles := {"receptionist", "nurse", "doctor", "billing", "custodian"}
 permitted := {
 	"cliniccloud.list_appointments": {"receptionist", "nurse", "doctor", "custodian"},
 	"cliniccloud.create_appointment": {"receptionist", "doctor"},
-	"cliniccloud.cancel_appointment": {"receptionist", "doctor"},
+	"cliniccloud.cancel_appointment": {"receptionist", "doctor", "custodian"},
 	"cliniccloud.summary_history": {"nurse", "doctor"},
 	"twilio.send_sms": {"receptionist", "nurse"},
 	"stripe.generate_invoice": {"billing"},
@@ -45,6 +46,16 @@ mode_permits if {
 	input.mode in {"STEP_UP", "READ_ONLY"}
 	not is_write
 }
+
+# STEP_UP: a write goes once an approver approved exactly this request (the
+# proxy binds the approval to the request id and the body, and uses it once).
+mode_permits if {
+	input.mode == "STEP_UP"
+	is_write
+	approved
+}
+
+approved if input.approval.status == "approved"
 
 role_permitted if input.role in permitted[input.tool]
 
@@ -87,4 +98,5 @@ needs_approval if {
 	eligible
 	input.mode == "STEP_UP"
 	is_write
+	not approved
 }

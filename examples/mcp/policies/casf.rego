@@ -1,6 +1,7 @@
 # MCP example policy (Rego v1): the clinic example's policy, plus `visible`
 # for tools/list. Query: data.casf; list query: data.casf.visible.
-# Input: contract §4 (tool, effect, mode, role, subject, args, context, principal, request).
+# Input: docs/policy-input.md (tool, effect, mode, role, subject, args, context,
+# principal, request, and approval on an approved retry).
 package casf
 
 import rego.v1
@@ -15,7 +16,7 @@ known_roles := {"receptionist", "nurse", "doctor", "billing", "custodian"}
 permitted := {
 	"cliniccloud.list_appointments": {"receptionist", "nurse", "doctor", "custodian"},
 	"cliniccloud.create_appointment": {"receptionist", "doctor"},
-	"cliniccloud.cancel_appointment": {"receptionist", "doctor"},
+	"cliniccloud.cancel_appointment": {"receptionist", "doctor", "custodian"},
 	"cliniccloud.summary_history": {"nurse", "doctor"},
 	"twilio.send_sms": {"receptionist", "nurse"},
 	"stripe.generate_invoice": {"billing"},
@@ -46,6 +47,16 @@ mode_permits if {
 	input.mode in {"STEP_UP", "READ_ONLY"}
 	not is_write
 }
+
+# STEP_UP: a write goes once an approver approved exactly this request (the
+# proxy binds the approval to the request id and the body, and uses it once).
+mode_permits if {
+	input.mode == "STEP_UP"
+	is_write
+	approved
+}
+
+approved if input.approval.status == "approved"
 
 role_permitted if input.role in permitted[input.tool]
 
@@ -88,6 +99,7 @@ needs_approval if {
 	eligible
 	input.mode == "STEP_UP"
 	is_write
+	not approved
 }
 
 # tools/list: a caller is shown exactly the tools its role may use (the mode

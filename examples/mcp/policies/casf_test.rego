@@ -37,8 +37,12 @@ test_doctor_cancels_appointment if {
 	casf.allow with input as base("cliniccloud.cancel_appointment", "write", "doctor", "ALLOW")
 }
 
-test_custodian_cannot_cancel if {
-	not casf.allow with input as base("cliniccloud.cancel_appointment", "write", "custodian", "ALLOW")
+test_custodian_cancels_appointment if {
+	casf.allow with input as base("cliniccloud.cancel_appointment", "write", "custodian", "ALLOW")
+}
+
+test_custodian_cannot_create_appointment if {
+	not casf.allow with input as base("cliniccloud.create_appointment", "write", "custodian", "ALLOW")
 }
 
 test_doctor_reads_history if {
@@ -93,6 +97,32 @@ test_step_up_write_needs_approval if {
 	not casf.allow with input as inp
 	casf.needs_approval with input as inp
 	count(casf.violations) == 0 with input as inp
+}
+
+test_step_up_write_with_an_approval_is_allowed if {
+	inp := object.union(base("cliniccloud.create_appointment", "write", "receptionist", "STEP_UP"),
+		{"approval": {"id": "apr_x", "status": "approved", "approvers": ["u2"], "approved_at": "t"}})
+	casf.allow with input as inp
+	not casf.needs_approval with input as inp
+}
+
+test_step_up_write_with_a_pending_approval_still_needs_one if {
+	inp := object.union(base("cliniccloud.create_appointment", "write", "receptionist", "STEP_UP"),
+		{"approval": {"id": "apr_x", "status": "pending"}})
+	not casf.allow with input as inp
+	casf.needs_approval with input as inp
+}
+
+test_an_approval_does_not_lift_read_only if {
+	inp := object.union(base("cliniccloud.create_appointment", "write", "receptionist", "READ_ONLY"),
+		{"approval": {"id": "apr_x", "status": "approved", "approvers": ["u2"], "approved_at": "t"}})
+	not casf.allow with input as inp
+}
+
+test_an_approval_does_not_lift_a_role if {
+	inp := object.union(base("stripe.generate_invoice", "write", "nurse", "STEP_UP"),
+		{"approval": {"id": "apr_x", "status": "approved", "approvers": ["u2"], "approved_at": "t"}})
+	not casf.allow with input as inp
 }
 
 test_step_up_read_allowed if {

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import importlib.metadata
 import logging
 import os
 import socket
@@ -77,6 +78,7 @@ from proxy.stages.ratelimit import RateRules
 from proxy.stages.replay import MAX_ID_LENGTH, parse_request_id
 from proxy.strictjson import JsonRejected, loads_strict
 from proxy.tasks import spawn
+from proxy.telemetry import Telemetry
 from proxy.trail import AuditTrail
 
 log = logging.getLogger("casf")
@@ -166,6 +168,13 @@ class _Generation:
 _GEN = web.RequestKey("casf_generation", _Generation)
 
 
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("casf-proxy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _describe(exc: BaseException) -> str:
     from proxy.config import ConfigError
     from proxy.policy_regorus import PolicyLoadError
@@ -197,6 +206,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         changed.append("mode.state_path")
     if old.approvals != new.approvals:
         changed.append("approvals")
+    if old.telemetry != new.telemetry:
+        changed.append("telemetry")
     return changed
 
 
@@ -272,6 +283,7 @@ class Runtime:
         self.event_ids = EventIds()  # one sequence for every generation's records
         self.approvals: Approvals | None = None  # process-wide (approvals: needs a restart)
         self.audit_view: AuditView | None = None  # what the console reads
+        self.telemetry: Telemetry | None = None
         self.backends = backends
         self.redis = redis
         self.worker = worker
@@ -363,6 +375,10 @@ class Runtime:
                             "shared between replicas); audit on %s (chain %r)", audit_where,
                             audit.chain_id)
             rt = cls(env, metrics, audit, mode, state, backends, conn, worker)
+            # one tracer per process (after any fork); a dead collector only drops spans
+            rt.telemetry = Telemetry(
+                cfg.telemetry, service_version=_version(), instance_id=audit.chain_id,
+                on_dropped=lambda reason, n: metrics.spans_dropped.labels(str(reason)).inc(n))
             if cfg.approvals is not None:
                 runtime = rt
                 rt.approvals = await approvals_stack.enter_async_context(open_approvals(
@@ -385,6 +401,8 @@ class Runtime:
                 if rt.audit_view is not None:
                     await rt.audit_view.close()
             await approvals_stack.aclose()
+            if rt is not None and rt.telemetry is not None:
+                await rt.telemetry.aclose()
             if mode_follow is not None:
                 await mode_follow.close()
             if conn is not None:
@@ -432,7 +450,9 @@ class Runtime:
         trail = AuditTrail(self.audit, self.metrics, engine_value.policy_hash, cfg.audit.redact,
                            cfg.digest, self.event_ids)
         core = DecisionCore(cfg, stages, state=self.state, mode=self.mode, trail=trail,
-                            metrics=self.metrics, approvals=gate)
+                            metrics=self.metrics, approvals=gate,
+                            telemetry=self.telemetry if self.telemetry and
+                            self.telemetry.enabled else None)
         pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
                                consumed_headers=ident.consumed_headers,
                                stripped_headers=ident.stripped_headers)

@@ -24,6 +24,7 @@ from proxy.approvals.config import ApprovalsConfig, ApprovalsConfigError, parse_
 from proxy.logs import redact_url
 from proxy.routing import OverlapError, RouteTable, Template, TemplateError, passthrough_covers
 from proxy.settings import Environment
+from proxy.telemetry import TelemetryConfig
 
 
 class ConfigError(Exception):
@@ -347,6 +348,7 @@ class Config:
     decisions_listener: Listener | None = None
     decisions: DecisionsConfig = DecisionsConfig()
     approvals: ApprovalsConfig | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     mode_state_path: Path | None = None  # mode.state_path (None only in hand-built configs)
 
     @property
@@ -470,7 +472,7 @@ class _Reader:
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
-             "shutdown", "reload", "decisions", "approvals"}
+             "shutdown", "reload", "decisions", "approvals", "telemetry"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -694,6 +696,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         approvals = parse_approvals(top.get("approvals"), "approvals", expand=r.expand)
     except ApprovalsConfigError as exc:
         r.fail(exc.path, exc.problem)
+    telemetry = _telemetry(r, top.get("telemetry"), r.env.otel_exporter_otlp_endpoint)
 
     digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
     return Config(
@@ -704,8 +707,35 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         passthrough=tuple(passthrough), enforce_default=enforce_default, table=table,
         digest=digest, shutdown=shutdown, reload=reload,
         decisions_listener=decisions_listener, decisions=decisions, approvals=approvals,
+        telemetry=telemetry,
         mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
     )
+
+
+def _telemetry(r: _Reader, raw: Any, env_endpoint: str | None) -> TelemetryConfig:
+    """``telemetry:`` (OpenTelemetry traces); the env endpoint applies when the key is absent."""
+    m = r.mapping(raw, "telemetry")
+    r.known(m, "telemetry", {"otlp_endpoint", "service_name", "headers", "sample_ratio",
+                             "max_queue_size", "max_export_batch_size", "schedule_delay_ms",
+                             "export_timeout_ms", "shutdown_timeout_ms"})
+    endpoint = r.opt_string(m, "otlp_endpoint", "telemetry") if "otlp_endpoint" in m \
+        else env_endpoint
+    hm = r.mapping(m.get("headers"), "telemetry.headers")
+    headers = {str(k): r.string(hm, k, "telemetry.headers") for k in hm}
+    try:
+        return TelemetryConfig(
+            otlp_endpoint=endpoint or None,
+            service_name=r.string(m, "service_name", "telemetry", "casf-proxy"),
+            sample_ratio=r.number(m, "sample_ratio", "telemetry", 1.0, 0),
+            headers=headers,
+            max_queue_size=r.integer(m, "max_queue_size", "telemetry", 2048, 1),
+            max_export_batch_size=r.integer(m, "max_export_batch_size", "telemetry", 512, 1),
+            schedule_delay_s=r.number(m, "schedule_delay_ms", "telemetry", 1000, 1) / 1000,
+            export_timeout_s=r.number(m, "export_timeout_ms", "telemetry", 5000, 1) / 1000,
+            shutdown_timeout_s=r.number(m, "shutdown_timeout_ms", "telemetry", 5000, 1) / 1000)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        r.fail(key, redact_url(problem))
 
 
 def _decisions(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...],

@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -64,6 +64,8 @@ _ANONYMOUS = Principal("anonymous", "", None, ANONYMOUS_AUTH, "")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 NOT_MAPPED = Verdict("DENY", 403, (Reason.ROUTE_NOT_MAPPED,),
                      "no route maps this request to a tool", shadowable=False)
+# stages traced as child spans of the request (the others are cheap and pure)
+_SPANNED = frozenset({"authenticate", "admission", "policy"})
 INTERNAL = Verdict("DENY", 500, (Reason.INTERNAL_ERROR,), "internal error", shadowable=False)
 
 
@@ -73,6 +75,14 @@ def _span_id() -> str:
 
 def _trace_id() -> str:
     return f"{_IDS.getrandbits(128) or 1:032x}"
+
+
+def caller_parent(headers: Mapping[str, str]) -> tuple[str | None, bool]:
+    """The caller's span id and sampled flag from a valid ``traceparent`` (else None)."""
+    m = _TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
+    if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
+        return m.group(2), bool(int(m.group(3), 16) & 1)
+    return None, True
 
 
 def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
@@ -88,6 +98,13 @@ def trace_context(headers: Mapping[str, str]) -> tuple[str, str]:
         return m.group(1), f"00-{m.group(1)}-{_span_id()}-{m.group(3)}"
     trace_id = _trace_id()
     return trace_id, f"00-{trace_id}-{_span_id()}-01"
+
+
+class Tracer(Protocol):
+    """Starts a request's span (``proxy.telemetry.Telemetry``)."""
+
+    def start_request(self, trace_id: str, parent_span_id: str | None, name: str, *,
+                      parent_sampled: bool = True, method: str | None = None) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -119,7 +136,8 @@ class DecisionCore:
 
     def __init__(self, cfg: Config, stages: list[Stage], *, state: AdmissionStore,
                  mode: ModeStore, trail: AuditTrail, metrics: Metrics,
-                 approvals: ApprovalGate | None = None) -> None:
+                 approvals: ApprovalGate | None = None, telemetry: Tracer | None = None
+                 ) -> None:
         self.cfg = cfg
         self.stages = stages
         self.state = state
@@ -127,6 +145,7 @@ class DecisionCore:
         self.trail = trail
         self.metrics = metrics
         self.approvals = approvals  # also in ``stages``, before the policy
+        self.telemetry = telemetry
 
     @property
     def policy_hash(self) -> str:
@@ -145,6 +164,10 @@ class DecisionCore:
         # else a generated one, so every envelope and record names the request
         if not isinstance(client_request_id(ex, self.cfg.replay.request_id_headers), str):
             ex.request_id = self.trail.event_ids.next()
+        if self.telemetry is not None:
+            parent, sampled = caller_parent(headers)
+            ex.span = self.telemetry.start_request(trace_id, parent, door,
+                                                   parent_sampled=sampled, method=method)
         return ex
 
     # ------------------------------------------------------------ stage 1 (pure)
@@ -194,7 +217,11 @@ class DecisionCore:
         """Stages 3-9 for an exchange whose route is set (``ex.route``)."""
         assert ex.route is not None
         for stage in self.stages:
-            verdict = await stage.check(ex)
+            if stage.name in _SPANNED:
+                with ex.span.stage(stage.name):
+                    verdict = await stage.check(ex)
+            else:
+                verdict = await stage.check(ex)
             if verdict is None:
                 continue
             if verdict.replay is not None:
@@ -269,6 +296,10 @@ class DecisionCore:
                started: float) -> None:
         """Request metrics and the access log line, for what the caller was sent."""
         elapsed = time.perf_counter() - started
+        route = ex.route
+        ex.span.end(status=status, decision=decision, tool=ex.tool or None,
+                    effect=route.effect if route else None, mode=ex.mode.value,
+                    reason_codes=tuple(reasons), via=ex.door)
         self.metrics.duration.observe(elapsed)
         self.metrics.count_request(ex.tool or "-", decision, status)
         if log.isEnabledFor(logging.INFO):  # one JSON line (proxy.logs), never bodies

@@ -81,6 +81,11 @@ class Metrics:
         self.config_info = Gauge("casf_config_info", "1 for the active config hash",
                                  ["hash"], registry=r, multiprocess_mode="livemax")
         self._config_hash: str | None = None
+        # OpenTelemetry spans that never reached the collector (proxy.telemetry)
+        self.spans_dropped = Counter("casf_telemetry_spans_dropped_total",
+                                     "Trace spans dropped, by reason", ["reason"], registry=r)
+        for reason in ("queue_full", "export_failed", "shutdown"):
+            self.spans_dropped.labels(reason)
         # the operator mode: 1 for the mode in force on this replica, 0 for the others
         self.mode = Gauge("casf_mode", "1 for the current operator mode", ["mode"], registry=r,
                           multiprocess_mode="livemax")

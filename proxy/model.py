@@ -17,6 +17,35 @@ from proxy.ports import Claim, StoredOutcome
 ANONYMOUS_AUTH = "none"
 
 
+class _NoStage:
+    __slots__ = ()
+
+    def __enter__(self) -> _NoStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def traceparent(self) -> str | None:
+        return None
+
+
+class NoSpan:
+    """A request's trace span when tracing is off (``proxy.telemetry`` has the real one)."""
+
+    __slots__ = ()
+    _stage = _NoStage()
+
+    def stage(self, name: str) -> _NoStage:
+        return self._stage
+
+    def end(self, **attrs: Any) -> None:
+        return None
+
+
+NO_SPAN = NoSpan()
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling. ``key_id`` names the credential, never its value."""
@@ -83,6 +112,7 @@ class Exchange:
     door_request_id: str | None = None  # a decision door's request id from its body
     record_extra: dict[str, Any] = field(default_factory=dict)  # added to decision records
     approval: Any = None  # the approved approval this request carries (proxy.approvals)
+    span: Any = NO_SPAN  # the request's trace span (proxy.telemetry.RequestSpan)
 
     @property
     def tool(self) -> str:

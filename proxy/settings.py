@@ -46,6 +46,11 @@ class Environment:
         return (self.get("CASF_LOG_LEVEL") or "info").lower()
 
     @property
+    def otel_exporter_otlp_endpoint(self) -> str | None:
+        """Traces go here when the config has no ``telemetry.otlp_endpoint``."""
+        return self.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+    @property
     def prometheus_multiproc_dir(self) -> str | None:
         """Set by ``casf-proxy run --workers N`` for its workers (prometheus_client's
         multiprocess mode, which reads the same variable itself)."""

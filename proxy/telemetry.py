@@ -343,14 +343,14 @@ class RequestSpan:
 
     def stage(self, name: Stage) -> StageSpan:
         """``with req.stage(Stage.POLICY): ...`` times the block as a child span."""
-        kind = SpanKind.CLIENT if name is Stage.UPSTREAM else SpanKind.INTERNAL
+        kind = SpanKind.CLIENT if name == Stage.UPSTREAM else SpanKind.INTERNAL
         return StageSpan(self._tracer, self._ctx, name, kind)
 
     def stage_done(self, name: Stage, start_ns: int, end_ns: int, *,
                    failed: bool = False) -> None:
         """Record a stage already timed (``time.time_ns()`` at its start and end)."""
         try:
-            kind = SpanKind.CLIENT if name is Stage.UPSTREAM else SpanKind.INTERNAL
+            kind = SpanKind.CLIENT if name == Stage.UPSTREAM else SpanKind.INTERNAL
             span = self._tracer.start_span(name, context=self._ctx, kind=kind,
                                            start_time=start_ns)
             if failed:

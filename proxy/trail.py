@@ -57,7 +57,8 @@ class AuditTrail:
                      reasons: tuple[str, ...], **extra: Any) -> dict[str, Any]:
         """Commit a record; returns it. Raises AuditUnavailable (counted)."""
         record = self.build(ex, kind, decision, status, reasons, extra)
-        await self.commit(record)
+        with ex.span.stage("audit commit"):
+            await self.commit(record)
         return record
 
     async def commit(self, record: dict[str, Any]) -> None:

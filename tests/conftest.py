@@ -248,7 +248,9 @@ class Proxy:
                 text = await r.text()
             return text if "\ncasf_in_flight 0.0" in text else None
 
-        return await wait_until(settled, "no request in flight (casf_in_flight 0) on /metrics")
+        text = await wait_until(settled, "no request in flight (casf_in_flight 0) on /metrics")
+        assert text is not None
+        return text
 
     async def set_mode(self, mode: str) -> None:
         async with self.session.put(self.admin + "/admin/mode", json={"mode": mode},

@@ -80,9 +80,8 @@ class OtlpReceiver:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert self._runner.addresses
+        self.port = int(self._runner.addresses[0][1])
         return self
 
     async def stop(self) -> None:

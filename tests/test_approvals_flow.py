@@ -206,7 +206,7 @@ async def test_two_replicas_share_approvals_on_redis(make_proxy: Callable[..., A
         await a.set_mode("STEP_UP")
 
         async def b_in_step_up() -> bool:
-            return b.rt.mode.current().value == "STEP_UP"
+            return bool(b.rt.mode.current().value == "STEP_UP")
 
         await wait_until(b_in_step_up, "replica b to see STEP_UP")
         asked = await needs_approval(a, "rr-1")

@@ -729,9 +729,7 @@ OPS_RULES = DEPLOY / "prometheus" / "operations-alerts.yaml"
 # adds to proxy/: casf_mode{mode}, the status label of casf_requests_total, the
 # approval metrics and the telemetry drop counter (reasons: DropReason in
 # proxy/telemetry.py). An entry must be pruned once proxy/ defines it.
-PENDING_METRICS: dict[str, set[str]] = {
-    "casf_telemetry_spans_dropped_total": {"reason"},
-}
+PENDING_METRICS: dict[str, set[str]] = {}
 
 
 def _ops_expressions() -> list[tuple[str, str]]:

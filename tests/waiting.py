@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -31,8 +31,18 @@ def _describe(what: str | Callable[[], str], timeout: float, last: object) -> st
     return f"timed out after {timeout:g} s waiting for {text} (last value: {last!r})"
 
 
-async def wait_until(cond: Callable[[], T | Awaitable[T]], what: str | Callable[[], str], *,
-                     timeout: float = TIMEOUT_S, interval: float = INTERVAL_S) -> T:
+@overload
+async def wait_until(cond: Callable[[], Awaitable[T]], what: str | Callable[[], str], *,
+                     timeout: float = ..., interval: float = ...) -> T: ...
+
+
+@overload
+async def wait_until(cond: Callable[[], T], what: str | Callable[[], str], *,
+                     timeout: float = ..., interval: float = ...) -> T: ...
+
+
+async def wait_until(cond: Callable[[], Any], what: str | Callable[[], str], *,
+                     timeout: float = TIMEOUT_S, interval: float = INTERVAL_S) -> Any:
     """Poll ``cond`` until it returns something truthy, and return that.
 
     ``what`` names the awaited condition (a callable is called at the time out,
@@ -43,7 +53,7 @@ async def wait_until(cond: Callable[[], T | Awaitable[T]], what: str | Callable[
     deadline = loop.time() + timeout
     while True:
         value = cond()
-        result: T = await value if inspect.isawaitable(value) else value
+        result = await value if inspect.isawaitable(value) else value
         if result:
             return result
         if loop.time() >= deadline:

@@ -264,10 +264,14 @@ class InlineProxy:
                     ) -> Answer:
         ex.forwarded = True
         try:
-            async with asyncio.timeout(self.cfg.upstream.timeout_s):
-                upstream = await self.session.request(
-                    ex.method, url, data=ex.body if ex.body else None, headers=headers,
-                    allow_redirects=False)
+            with ex.span.stage("upstream") as span:
+                traceparent = span.traceparent()
+                if traceparent is not None:  # the upstream's parent is the upstream span
+                    headers["traceparent"] = traceparent
+                async with asyncio.timeout(self.cfg.upstream.timeout_s):
+                    upstream = await self.session.request(
+                        ex.method, url, data=ex.body if ex.body else None, headers=headers,
+                        allow_redirects=False)
         except aiohttp.ClientConnectorError:
             if claim is not None:  # never reached the upstream: a retry is evaluated afresh
                 await claim.release()

@@ -8,6 +8,7 @@ before parsing (in string scalars only, so YAML structure cannot be injected).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Mapping
@@ -247,6 +248,9 @@ class PolicyConfig:
     engine: Literal["regorus", "opa"] = "regorus"
     opa: OpaConfig | None = None
     decision_cache_size: int = 10_000  # in-process engine only; 0 disables
+    # the policy files' bytes as read once at load: policy_hash is over these, and
+    # the in-process engine compiles these, never a second read of the files
+    sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,10 +499,13 @@ def load_config(path: str | Path, env: Environment) -> Config:
     src = Path(path)
     file = str(src)
     try:
-        text = src.read_text(encoding="utf-8")
+        raw = src.read_bytes()  # read once: parsed and hashed from the same bytes
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror}",
                           "pass an existing file with -c/--config or CASF_CONFIG") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", "not UTF-8 text") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -507,11 +514,11 @@ def load_config(path: str | Path, env: Environment) -> Config:
     top = r.mapping(data, "")
     r.known(top, "", _TOP_KEYS)
     base = src.resolve().parent
-    return _build(r, top, src, base, env)
+    return _build(r, top, src, base, env, raw)
 
 
 def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
-           env: Environment) -> Config:
+           env: Environment, config_bytes: bytes) -> Config:
     listen = r.mapping(top.get("listen"), "listen")
     r.known(listen, "listen", {"traffic", "admin", "decisions"})
     traffic = r.listener(listen, "traffic", "0.0.0.0:8080")
@@ -698,7 +705,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         r.fail(exc.path, exc.problem)
     telemetry = _telemetry(r, top.get("telemetry"), r.env.otel_exporter_otlp_endpoint)
 
-    digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
+    digest = _config_hash(config_bytes, policy.policy_hash, identity)
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
         identity=identity, mode_default=mode_default, replay=replay,
@@ -710,6 +717,39 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         telemetry=telemetry,
         mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
     )
+
+
+def _config_hash(config: bytes, policy_hash: str, identity: IdentityConfig) -> str:
+    """sha256 over the config file and every file it names (keys, JWKS, policies).
+
+    The policy files enter through ``policy_hash`` (over the bytes compiled);
+    the key and JWKS files are hashed as they are now (a key rotation that
+    rewrites them changes the hash, as it changes what is in force).
+    """
+    h = hashlib.sha256()
+
+    def part(label: bytes, body: bytes) -> None:
+        h.update(len(label).to_bytes(8, "big") + label + len(body).to_bytes(8, "big") + body)
+
+    part(b"config", config)
+    part(b"policy", policy_hash.encode())
+    named: list[Path] = []
+    ak = identity.api_keys
+    if ak is not None:
+        if ak.keys_file is not None:
+            named.append(ak.keys_file)
+        if ak.keys_dir is not None:
+            with contextlib.suppress(OSError):
+                named.extend(sorted(p for p in ak.keys_dir.iterdir()
+                                    if p.is_file() and not p.name.startswith(".")))
+    if identity.jwt is not None and identity.jwt.jwks_file is not None:
+        named.append(identity.jwt.jwks_file)
+    for path in named:
+        try:
+            part(str(path).encode(), path.read_bytes())
+        except OSError:
+            part(str(path).encode(), b"<unreadable>")
+    return h.hexdigest()
 
 
 def _telemetry(r: _Reader, raw: Any, env_endpoint: str | None) -> TelemetryConfig:
@@ -1249,10 +1289,15 @@ def _policy(r: _Reader, m: Mapping[str, Any], base: Path) -> PolicyConfig:
         if not files:
             r.fail("policy.bundle", f"no .rego files in {bundle}")
     h = hashlib.sha256()
+    sources: list[tuple[Path, bytes]] = []
     if bundle is not None:
         for f in files:
             rel = f.relative_to(bundle).as_posix().encode()
-            body = f.read_bytes()
+            try:
+                body = f.read_bytes()
+            except OSError as exc:
+                r.fail("policy.bundle", f"{f}: {exc.strerror}")
+            sources.append((f, body))
             h.update(len(rel).to_bytes(8, "big") + rel + len(body).to_bytes(8, "big") + body)
     else:  # OPA without a local copy: the hash names the decision source, not its content
         assert opa is not None
@@ -1262,7 +1307,8 @@ def _policy(r: _Reader, m: Mapping[str, Any], base: Path) -> PolicyConfig:
                         policy_hash="sha256:" + h.hexdigest(),
                         engine="opa" if engine == "opa" else "regorus", opa=opa,
                         decision_cache_size=r.integer(m, "decision_cache_size", "policy",
-                                                      10_000, 0))
+                                                      10_000, 0),
+                        sources=tuple(sources))
 
 
 def _opa(r: _Reader, m: Mapping[str, Any], query: str) -> OpaConfig:

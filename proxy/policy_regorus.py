@@ -34,9 +34,12 @@ def rego_error(exc: BaseException) -> str:
 def load_modules(files: tuple[Any, ...], rego_v0: bool) -> list[Module]:
     """Parse every file; raises :class:`PolicyLoadError` naming the file and line."""
     modules = []
-    for f in files:
+    for item in files:
+        # a (path, bytes) pair is a file as read (and hashed) by the config loader
+        f = item[0] if isinstance(item, tuple) else item
         try:
-            text = Path(f).read_text(encoding="utf-8")
+            text = (item[1].decode("utf-8") if isinstance(item, tuple)
+                    else Path(f).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyLoadError(f"{f}: cannot read: {exc}") from exc
         try:
@@ -139,7 +142,8 @@ _IMPURE = re.compile(rb"\b(time\.now_ns|rand\.intn|uuid\.rfc4122|http\.send|opa\
 
 def is_pure(files: tuple[Any, ...]) -> bool:
     """True when no policy file calls a builtin that depends on time, chance or I/O."""
-    return not any(_IMPURE.search(Path(f).read_bytes()) for f in files)
+    return not any(_IMPURE.search(f[1] if isinstance(f, tuple) else Path(f).read_bytes())
+                   for f in files)
 
 
 class RegorusEngine:
@@ -153,11 +157,11 @@ class RegorusEngine:
     """
 
     def __init__(self, cfg: PolicyConfig) -> None:
-        self._engine = new_engine(cfg.files, cfg.rego_v0, cfg.query)
+        self._engine = new_engine(cfg.sources or cfg.files, cfg.rego_v0, cfg.query)
         self._query = cfg.query
         self._hash = cfg.policy_hash
         self._cache: OrderedDict[bytes, PolicyResult] = OrderedDict()
-        self._cache_max = cfg.decision_cache_size if is_pure(cfg.files) else 0
+        self._cache_max = cfg.decision_cache_size if is_pure(cfg.sources or cfg.files) else 0
 
     @property
     def policy_hash(self) -> str:

@@ -1,5 +1,5 @@
 # Clinic example policy (Rego v1). Query: data.casf.
-# Input: docs/policy-input.md (tool, effect, mode, role, subject, args, context, principal, request).
+# Input: contract §4 (tool, effect, mode, role, subject, args, context, principal, request).
 package casf
 
 import rego.v1

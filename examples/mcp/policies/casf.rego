@@ -1,6 +1,6 @@
 # MCP example policy (Rego v1): the clinic example's policy, plus `visible`
 # for tools/list. Query: data.casf; list query: data.casf.visible.
-# Input: docs/policy-input.md (tool, effect, mode, role, subject, args, context, principal, request).
+# Input: contract §4 (tool, effect, mode, role, subject, args, context, principal, request).
 package casf
 
 import rego.v1

@@ -2,7 +2,7 @@
 
 Canonical JSON here is: object keys sorted by code point, no insignificant
 whitespace, UTF-8, no NaN/Infinity. It is the serialisation the audit hash
-contract (contract §6) and the idempotency fingerprint are defined over.
+contract (docs/audit.md) and the idempotency fingerprint are defined over.
 """
 
 from __future__ import annotations

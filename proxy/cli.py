@@ -1,4 +1,4 @@
-"""The ``casf-proxy`` command line (contract §7).
+"""The ``casf-proxy`` command line (README.md, "Commands").
 
 Exit codes: 0 ok; 1 a check failed (deny, broken chain, failing test,
 overlapping routes, policy that does not compile); 2 usage, config or

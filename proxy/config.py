@@ -201,7 +201,7 @@ class BudgetLimits:
 
 @dataclass(frozen=True, slots=True)
 class BudgetRule:
-    """A per-tenant cost quota over a set of tools (seed 004's budget gates).
+    """A per-tenant cost quota over a set of tools (docs/configuration.md, budgets).
 
     Every tenant has its own counters; ``tenants`` overrides the default limits
     for named tenants. Periods are UTC calendar days and months.

@@ -1,4 +1,4 @@
-"""The JSON error envelope (contract §5), built for every non-forwarded answer.
+"""The JSON error envelope (docs/reason-codes.md), built for every non-forwarded answer.
 
 It carries reason codes and identifiers only: never body values, credentials
 or exception text.

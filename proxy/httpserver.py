@@ -1,4 +1,4 @@
-"""The traffic listener's HTTP server: aiohttp's, with the contract's envelope on parse errors.
+"""The traffic listener's HTTP server: aiohttp's, with the JSON envelope on parse errors.
 
 Requests the HTTP parser cannot frame (request smuggling attempts such as
 ``Content-Length`` with ``Transfer-Encoding`` or two ``Content-Length``
@@ -6,8 +6,8 @@ headers, obs-fold, bare LF, invalid methods or header tokens, oversized or too
 many header lines) never become a request: nothing is decided, forwarded or
 audited. aiohttp's own answer to them is a text/plain body that quotes the
 offending bytes (a credential in a malformed header line would be echoed) and
-an ERROR log line with the same bytes. Here they get the JSON envelope of
-contract §5 instead (400 ``BadRequest_MalformedRequest``, or 431
+an ERROR log line with the same bytes. Here they get the JSON error
+envelope instead (400 ``BadRequest_MalformedRequest``, or 431
 ``Request_HeadersTooLarge``), the connection is closed, the log line names
 the exception type only, and a ``DENY`` decision record is queued for the
 audit trail (``on_refusal``: no method, route or principal, since none could

@@ -1,4 +1,4 @@
-"""Prometheus metrics with the contract's names, on a per-app registry.
+"""Prometheus metrics (stable ``casf_*`` names, docs/operations.md) on a per-app registry.
 
 With ``casf-proxy run --workers N`` every worker runs with
 ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client's multiprocess mode): the

@@ -1,7 +1,7 @@
 """Ports: the small interfaces between the pure pipeline and its I/O.
 
 Each port has one real adapter (Redis, PostgreSQL, ...) and, where the
-contract calls for it, an embedded one (``proxy.embedded``). Adapters
+proxy must run without that service, an embedded one (``proxy.embedded``). Adapters
 translate their library's exceptions into the three below; the pipeline maps
 those to reason codes and to fail-open/fail-closed behaviour. An adapter must
 never let a library exception escape: an unexpected exception is treated as
@@ -96,7 +96,7 @@ class RateCheck:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What the state store decided, in the contract's stage order.
+    """What the state store decided, in the pipeline's stage order.
 
     ``claim_state`` is ``None`` when no claim was asked for. ``claimed`` is true
     only when this request now holds the claim. ``refused_rule`` names the first

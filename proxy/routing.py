@@ -199,7 +199,7 @@ def passthrough_covers(entry: str, template: Template) -> bool:
     """Whether the passthrough ``entry`` matches a path that ``template`` also matches.
 
     An entry ending in ``/`` matches itself and every path under it; any other
-    entry matches exactly itself (``Pipeline._passthrough``). The config loader
+    entry matches exactly itself (``DecisionCore.passthrough``). The config loader
     refuses a covering entry: passthrough applies when no route matched, so
     every other method on a routed path would be forwarded unauthenticated.
     """

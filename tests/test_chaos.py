@@ -1,4 +1,4 @@
-"""Chaos under load (issue 8 §3): two proxy processes, real Redis and PostgreSQL.
+"""Chaos under load: two proxy processes, real Redis and PostgreSQL.
 
 Steady traffic (reads and idempotent writes, through both processes) runs
 while Redis, PostgreSQL and the upstream are each stopped and restarted, then
@@ -294,7 +294,7 @@ async def test_chaos_under_load(tmp_path: Path) -> None:
     during_pg = [x for x in up.received if tl.inside("postgres", x.t, GRACE_S)]
     assert during_pg == [], f"requests forwarded without the audit store: {during_pg[:5]}"
 
-    # -------------------------------------------------------------- clients saw the contract
+    # ---------------------------------------- clients saw only documented answers
     def answers(dep: str, method: str) -> Counter[tuple[int, tuple[str, ...]]]:
         return Counter((s.status, s.reasons) for s in sent
                        if s.method == method and tl.inside(dep, s.t0, GRACE_S)

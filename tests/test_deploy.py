@@ -1,4 +1,4 @@
-"""The deployment artifacts in ``deploy/`` (issue 6: container, manifests, dashboards).
+"""The deployment artifacts in ``deploy/`` (container, manifests, dashboards; docs/deploy.md).
 
 Offline checks, no cluster and no Docker engine:
 
@@ -59,8 +59,8 @@ PROXY, BACKEND = "casf-proxy", "clinic-backend"
 # The oldest Kubernetes minor version the manifests are meant for, and the
 # newest one kubernetes-validate knows.
 K8S_VERSIONS = ("1.28.0", "latest")
-# Metrics the dashboard/alerts use that issue 6 item 2 (hot reload) adds, with
-# the labels the issue names. Once a metric is defined in proxy/ it is checked
+# Metrics the dashboard/alerts use before proxy/ defines them, with the labels
+# they will have. Once a metric is defined in proxy/ it is checked
 # like every other one, so this list only needs pruning, never growing.
 PENDING_METRICS: dict[str, set[str]] = {}
 # Labels Prometheus adds at scrape time; `le` is the histogram bucket label.
@@ -858,7 +858,7 @@ def test_dashboard_and_alerts_use_only_metrics_the_proxy_defines() -> None:
     unknown = referenced - set(exposed) - set(PENDING_METRICS)
     assert not unknown, f"not defined in proxy/: {sorted(unknown)}"
     assert set(PENDING_METRICS) <= referenced, "prune PENDING_METRICS"
-    # the contract's metric families all appear on the dashboard
+    # the stable metric families (docs/operations.md) all appear on the dashboard
     for name in ("casf_requests_total", "casf_request_duration_seconds_bucket", "casf_in_flight",
                  "casf_fail_closed_total", "casf_replay_hit_total", "casf_replay_mismatch_total",
                  "casf_rate_limited_total", "casf_shadow_denied_total", "casf_audit_events_total",

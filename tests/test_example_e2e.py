@@ -1,4 +1,4 @@
-"""The clinic example launched by its fixed names, as a newcomer would (contract §8).
+"""The clinic example launched by its fixed names, as a newcomer would (README.md).
 
 Runs ``python examples/clinic/backend.py --port P`` and ``casf-proxy run -c
 examples/clinic/casf.yaml`` as real processes and walks through the README's

@@ -1,4 +1,4 @@
-"""Fuzzing (issue 8 §2).
+"""Fuzzing (docs/threat-model.md).
 
 * hypothesis drives random requests (methods, paths, queries, headers, bodies,
   as raw bytes) through the real proxy against the recording upstream, which

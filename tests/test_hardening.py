@@ -1,4 +1,4 @@
-"""Bypass attempts (issue 8 §1): hostile requests over raw sockets, byte for byte.
+"""Bypass attempts (docs/threat-model.md): hostile requests over raw sockets, byte for byte.
 
 Every case asserts what the upstream received: nothing at all for a refused
 request, and for a forwarded one exactly the normalised request the policy

@@ -1,4 +1,4 @@
-"""Logs and tracing (issue 6 item 5) on a real ``casf-proxy run`` process.
+"""Logs and tracing (docs/operations.md) on a real ``casf-proxy run`` process.
 
 Every line the process writes is one JSON object; there is one access line per
 request with the trace id, tool, decision, reason codes, status and latency;

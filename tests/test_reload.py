@@ -1,4 +1,4 @@
-"""Hot reload (issue 6 item 2): file watch, ConfigMap symlink swap, SIGHUP.
+"""Hot reload (docs/operations.md): file watch, ConfigMap symlink swap, SIGHUP.
 
 Everything runs on real sockets: the proxy in-process (its watcher polls the
 files every 100 ms here) or as a real ``casf-proxy run`` process for SIGHUP.

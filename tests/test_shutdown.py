@@ -1,4 +1,4 @@
-"""Graceful shutdown (issue 6 item 3): SIGTERM under load on a real process.
+"""Graceful shutdown (docs/operations.md): SIGTERM under load on a real process.
 
 The load generator behaves like a Service in front of the pod: it polls the
 readiness probe and stops opening new requests once the probe says 503 (the

@@ -1,4 +1,4 @@
-"""Soak (issue 8 §4): memory and file descriptors of a proxy process over time.
+"""Soak: memory and file descriptors of a proxy process over time.
 
 A ``casf-proxy run`` process (embedded: SQLite audit, in-memory state) takes
 traffic for ``CASF_SOAK_SECONDS`` (default 20) with heavy connection churn (a

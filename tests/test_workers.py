@@ -1,4 +1,4 @@
-"""``casf-proxy run --workers N`` (issue 6 item 4): real processes, a real Redis.
+"""``casf-proxy run --workers N`` (docs/operations.md): real processes, a real Redis.
 
 Two workers share the traffic and admin ports (SO_REUSEPORT); /metrics on
 either shows the totals of both; each writes its own audit chain; a worker

@@ -1,4 +1,4 @@
-"""The hash contract (contract §6), as pure functions.
+"""The hash contract (docs/audit.md), as pure functions.
 
 ``hash = sha256(prev_hash || canonical_json(record without "hash"))`` where
 ``prev_hash`` is the previous record's hex hash in the same chain (the empty

@@ -12,7 +12,7 @@ from typing import Any
 from proxy.canonical import canonical_json, sha256_hex
 from proxy.model import Exchange
 
-# Fields every record carries, in the contract's order (§6).
+# Fields every record carries, in the order docs/audit.md lists them.
 FIELDS = ("chain_id", "seq", "event_id", "ts", "kind", "request_id", "trace_id", "actor",
           "role", "tenant", "tool", "effect", "method", "route", "decision", "status",
           "reason_codes", "policy_hash", "body_sha256", "attrs", "prev_hash", "hash")

@@ -3,7 +3,7 @@
 The same dictionaries validate requests and are published in the OpenAPI
 document (``GET /openapi.json``), so the spec cannot drift from the code.
 The validator covers the subset the models use (type, required, properties,
-additionalProperties, enum, minLength, maxLength, pattern, items); an error
+additionalProperties, maxProperties, enum, pattern, items); an error
 names the field (``subject: must be an object``).
 """
 

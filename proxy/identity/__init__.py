@@ -1,4 +1,4 @@
-"""Identity: who is calling (contract §2 stage 3).
+"""Identity: who is calling (pipeline stage 3, authenticate; docs/identity.md).
 
 ``identity.order`` lists the configured authenticators (API keys, JWT,
 trusted headers); :class:`Identity` holds them in that order and owns their

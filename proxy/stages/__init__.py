@@ -1,4 +1,4 @@
-"""Pipeline stages, one module each, in the contract's order.
+"""Pipeline stages, one module each, in the pipeline's order (docs/architecture.md).
 
 A stage is an object with a ``name`` (its config id) and
 ``async check(exchange) -> Verdict | None``: ``None`` means "continue", a

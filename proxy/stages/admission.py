@@ -1,6 +1,6 @@
 """Admission: anti-replay (5), invariants (6) and rate limits (7) in one state call.
 
-The three stages keep the contract's order in what they *report*: a replay
+The three stages keep the pipeline's order in what they *report*: a replay
 answer (stored outcome, 409 in flight, 409 mismatch) comes first, then an
 invariant's 403, then a rate limit's or budget's 429. Because the invariants are pure,
 they are evaluated before the state store is asked, which lets the store do

@@ -1,4 +1,4 @@
-"""Attributes: build the policy input (contract §4) from the request.
+"""Attributes: build the policy input (docs/policy-input.md) from the request.
 
 Denies 400 when the body must be JSON and is not (or is ambiguous JSON, see
 ``proxy.strictjson``: duplicate keys, integers beyond 64 bits, deep nesting),

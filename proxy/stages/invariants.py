@@ -18,7 +18,7 @@ def invariant_verdict(ex: Exchange) -> Verdict | None:
 
     The admission stage evaluates it before its state round trip (so nothing
     is consumed for a request the invariants deny) and reports it after the
-    anti-replay answer, as the contract orders them.
+    anti-replay answer, as the pipeline orders them (replay, invariants, rate limits).
     """
     route = ex.route
     assert route is not None and ex.principal is not None

@@ -1,10 +1,13 @@
-"""Wiring: builds the runtime from a Config and serves the two listeners.
+"""Wiring: builds the runtime from a Config and serves its listeners.
 
 The traffic listener is aiohttp's low-level ``web.Server`` (no router: every
 request goes to :meth:`Runtime.handle`, which hands it to the current
-:class:`Pipeline`); the admin listener is a regular ``web.Application``
-serving ``/health``, ``/healthz``, ``/metrics`` and the token-protected admin
-API. Resources are opened in :meth:`Runtime.open` and closed in reverse order.
+generation's inline proxy door, :class:`~proxy.doors.inline.InlineProxy`); the
+admin listener is a regular ``web.Application`` serving ``/health``,
+``/healthz``, ``/metrics``, the token-protected admin API, the approver API and
+the console; the decision listener (``listen.decisions``) serves the decision
+doors of :mod:`proxy.doors.decisions`. Resources are opened in
+:meth:`Runtime.open` and closed in reverse order.
 
 Hot reload (docs/operations.md): everything a config change can touch — the
 config, the routes, the compiled policy, the identity sources, the upstream
@@ -770,6 +773,7 @@ class Runtime:
             "status": status, "reason_codes": list(reasons),
             "policy_hash": self.pipeline.policy_hash, "body_sha256": None,
             "attrs": {"args": {"from": old.value, "to": new.value}},
+            "config_hash": self.cfg.digest, "via": "admin",
         }
 
 

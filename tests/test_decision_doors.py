@@ -183,6 +183,7 @@ async def test_only_trusted_callers_assert_role_and_context(doors: Doors) -> Non
     await doors.p.rt.pipeline.flush()
     by_id = {r["request_id"]: r for r in records(doors.p) if r["kind"] == "decision"}
     assert by_id["t1b"]["trusted_caller"] is True
+    assert by_id["t1b"]["policy_role"] == "receptionist"
     assert by_id["t1b"]["actor"] == "user-orchestrator"
     assert by_id["t2"]["asserted_role"] == "receptionist" and by_id["t2"]["role"] == "nurse"
 
@@ -212,6 +213,10 @@ async def test_verify_replay_follows_casf_core(doors: Doors) -> None:
     # scoped by caller: another caller's same id is its own request
     other = await doors.verify(body, key="doctor")
     assert other[2]["decision"] == "ALLOW" and "X-Casf-Replayed" not in other[1]
+    # a read's request id is replayed too, as casf-core does
+    read = vreq("r3", "cliniccloud.list_appointments")
+    r1, r2 = await doors.verify(read), await doors.verify(read)
+    assert r1[2] == r2[2] and r2[1]["X-Casf-Replayed"] == "true"
     # a deny is replayed too
     deny = vreq("r2", "stripe.generate_invoice", subject={"patient_id": "p1"})
     d1, d2 = await doors.verify(deny, key="nurse"), await doors.verify(deny, key="nurse")

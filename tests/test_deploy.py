@@ -910,7 +910,7 @@ def test_dashboard_structure() -> None:
     assert {"0.5", "0.95", "0.99"} <= quantiles
 
 
-def test_alert_rules_cover_the_issue() -> None:
+def test_alert_rules_cover_what_operators_watch() -> None:
     rules = {r["alert"]: r for g in _alerts()["groups"] for r in g["rules"]}
     assert "casf_fail_closed_total" in rules["CasfFailClosed"]["expr"]
     assert "casf_replay_mismatch_total" in rules["CasfReplayMismatchSpike"]["expr"]

@@ -661,7 +661,7 @@ CONTRACT_METRICS = ["casf_requests_total", "casf_request_duration_seconds", "cas
                     "casf_upstream_duration_seconds"]
 
 
-async def test_admin_endpoints_and_contract_metrics(proxy: Proxy) -> None:
+async def test_admin_endpoints_and_the_fixed_metric_names(proxy: Proxy) -> None:
     await proxy.call("GET", "/appointments")
     async with proxy.session.get(proxy.admin + "/health") as r:
         assert r.status == 200 and (await r.json())["status"] == "ok"

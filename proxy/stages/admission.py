@@ -60,7 +60,9 @@ class AdmissionStage:
         # an unauthenticated request on a shadow-mode route (the pipeline's anonymous
         # principal) takes no claim: all such callers would share one key space, so one
         # could be replayed another's stored response, or blocked by its key (docs/state.md)
-        if route.effect == "write" and rid is not None and ex.principal.auth != ANONYMOUS_AUTH:
+        # /verify replays every request id, reads included (casf-core's decision cache)
+        replayed = route.effect == "write" or ex.door == "verify"
+        if replayed and rid is not None and ex.principal.auth != ANONYMOUS_AUTH:
             # a decision door's stored answer is a decision, never an upstream
             # response: its fingerprints live apart from the proxy's
             tool = route.tool if ex.door == "proxy" else f"{ex.door}:{route.tool}"

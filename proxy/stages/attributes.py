@@ -89,6 +89,8 @@ class AttributeBuilder:
         role = preset.get("role")
         if principal.id in self.trusted:
             ex.record_extra["trusted_caller"] = True
+            if role is not None:  # the role the policy decides with, as asserted
+                ex.record_extra["policy_role"] = role
         else:
             # decided as who the caller is: its own role and tenant, whatever it asserts
             if role is not None and role != principal.role:

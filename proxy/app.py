@@ -449,7 +449,6 @@ class Runtime:
         if self.approvals is not None:
             gate = ApprovalGate(self.approvals, Details, approval_states, approval_states.DENIED,
                                 approval_states.NOT_PENDING, cfg.audit.redact)
-            stages.insert(-1, gate)  # after admission (the claim), before the policy
         trail = AuditTrail(self.audit, self.metrics, engine_value.policy_hash, cfg.audit.redact,
                            cfg.digest, self.event_ids)
         core = DecisionCore(cfg, stages, state=self.state, mode=self.mode, trail=trail,

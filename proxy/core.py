@@ -144,7 +144,8 @@ class DecisionCore:
         self.mode = mode
         self.trail = trail
         self.metrics = metrics
-        self.approvals = approvals  # also in ``stages``, before the policy
+        self.approvals = approvals
+        self._policy = next((st for st in stages if st.name == "policy"), None)
         self.telemetry = telemetry
 
     @property
@@ -231,14 +232,30 @@ class DecisionCore:
                 if ex.principal is None:
                     ex.principal = _ANONYMOUS
                 continue
-            if (verdict.decision == "NEEDS_APPROVAL" and verdict.approval is None
-                    and self.approvals is not None):
+            if verdict.decision == "NEEDS_APPROVAL" and self.approvals is not None:
                 # the policy asks for a human: the approval to wait for, found or created
-                verdict = await self.approvals.needs(ex, verdict)
+                answer = await self.approvals.needs(ex, verdict)
+                if answer is None:  # approved: the policy decides again, seeing it
+                    answer = await self._decide_again(ex)
+                    if answer is None:
+                        break
+                verdict = answer
             return await self.deny(ex, verdict)
         # 9. the record names what shadow mode would have denied and which
         # dependency a fail-open route went on without
         return await self.allow(ex, (*ex.shadow, *ex.degraded))
+
+    async def _decide_again(self, ex: Exchange) -> Verdict | None:
+        assert self._policy is not None
+        with ex.span.stage("policy"):
+            verdict = await self._policy.check(ex)
+        if verdict is not None and verdict.decision == "NEEDS_APPROVAL":
+            # still asks for approval although it carries one: the policy does not
+            # accept it for this request; say so rather than wait forever
+            return Verdict("DENY", 403, (Reason.APPROVAL_NOT_ACCEPTED, *verdict.reasons[1:]),
+                           "the policy does not accept the approval for this request",
+                           shadowable=False)
+        return verdict
 
     async def deny(self, ex: Exchange, verdict: Verdict) -> Decision:
         """Record a deny; when it cannot be committed, the answer is the 503 refusal."""

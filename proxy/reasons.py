@@ -49,6 +49,7 @@ class Reason(StrEnum):
     POLICY_BAD_RESULT = "Policy_BadResult"
     POLICY_EVAL_ERROR = "Policy_EvalError"
     APPROVAL_REQUIRED = "Approval_Required"
+    APPROVAL_NOT_ACCEPTED = "Approval_NotAccepted"  # approved, yet the policy asks again
     OPA_UNAVAILABLE = "OPA_Unavailable"
     # audit
     AUDIT_UNAVAILABLE = "Audit_Unavailable"

@@ -31,6 +31,9 @@ def assert_envelope(raw: bytes, status: int, *codes: str, decision: str = "DENY"
     if status in (429, 503):  # these answers carry Retry-After, mirrored in the envelope
         fields.add("retry_after")
         assert isinstance(env["retry_after"], int) and env["retry_after"] >= 1
+    if decision == "NEEDS_APPROVAL" and "approval" in env:  # where approvals are enabled
+        fields.add("approval")
+        assert env["approval"]["id"].startswith("apr_") and env["approval"]["status"]
     assert set(env) == fields
     assert env["decision"] == decision
     assert env["status"] == status

@@ -1,19 +1,24 @@
-"""Approval: what a human approver decided about this very request (before the policy).
+"""Approvals: what a human approver decided about this very request.
 
-A request that holds an idempotency claim (a request id, on a write or a
-decision door) may have an approval bound to its caller-scoped request id
-(the claim's key) and its fingerprint:
+Consulted only when the policy answers NEEDS_APPROVAL (so a request that needs
+no approval costs nothing here), for a request that holds an idempotency claim
+(a request id): the approval bound to its caller-scoped request id (the
+claim's key) and its fingerprint is found, or created:
 
-* pending → 403 ``NEEDS_APPROVAL`` again, with the same approval in the envelope;
+* pending (just created, or still waiting) → 403 ``NEEDS_APPROVAL`` with the
+  approval in the envelope;
 * denied → 403 ``Approval_Denied``;
 * bound to another body (pending or approved) → 409 ``Inv_ReplayPayloadMismatch``;
 * approved → the policy input carries ``approval`` (id, status, approvers,
-  approved_at) and the policy decides; an ALLOW consumes it (the core does,
-  atomically, before the decision record: one approval, one forward);
-* none, expired or used → decided as usual.
+  approved_at) and the policy decides again; an ALLOW consumes it (the core
+  does, atomically, before the decision record: one approval, one forward);
+* used (its forwarded retry happened, the stored outcome is gone) → 409
+  ``Approval_NotPending``.
 
-When the policy answers NEEDS_APPROVAL, the core asks :meth:`ApprovalGate.needs`
-for the approval (found or created) to put in the envelope.
+A request id whose approval is pending stays bound to its body: the next
+request under that id that the policy sends for approval with another body is
+a 409. (A body the policy allows without approval is not held back: nothing
+an approver decided is needed for it.)
 """
 
 from __future__ import annotations
@@ -47,9 +52,7 @@ _AUDIT = Verdict("DENY", 503, (Reason.FAIL_CLOSED, Reason.AUDIT_UNAVAILABLE),
 
 
 class ApprovalGate:
-    """The approval stage (before the policy) and the core's two calls after it."""
-
-    name = "approval"
+    """The core's two calls: on NEEDS_APPROVAL (:meth:`needs`), on ALLOW (:meth:`consume`)."""
 
     def __init__(self, service: ApprovalService, details: Any, states: Any,
                  denied: Verdict, not_pending: Verdict, redact: Any) -> None:
@@ -63,31 +66,9 @@ class ApprovalGate:
         self._not_pending = not_pending
         self._redact = redact
 
-    async def check(self, ex: Exchange) -> Verdict | None:
-        claim = ex.claim
-        if claim is None:
-            return None
-        try:
-            found = await self.service.lookup(claim.key)
-        except StoreUnavailable:
-            return _UNAVAILABLE if ex.route and ex.route.fail_mode == "closed" else None
-        state = self._states.retry_state(found, claim.fingerprint)
-        kind = state.value
-        if kind == "mismatch":
-            return _MISMATCH
-        if kind == "denied":
-            return self._denied
-        if kind == "pending":
-            v = self._states.pending_verdict()
-            return Verdict(v.decision, v.status, v.reasons, v.message, shadowable=False,
-                           approval=found.envelope_field())
-        if kind == "approved":
-            ex.approval = found
-            ex.policy_input["approval"] = found.policy_field()
-        return None
-
-    async def needs(self, ex: Exchange, verdict: Verdict) -> Verdict:
-        """The NEEDS_APPROVAL answer, with the approval found or created for it."""
+    async def needs(self, ex: Exchange, verdict: Verdict) -> Verdict | None:
+        """The answer to a NEEDS_APPROVAL, or None: approved, decide again (the
+        approval is in ``ex.approval`` and in the policy input)."""
         claim = ex.claim
         p, route = ex.principal, ex.route
         if claim is None or p is None or route is None:
@@ -107,9 +88,18 @@ class ApprovalGate:
             return _AUDIT
         if res.mismatch:
             return _MISMATCH
+        a = res.approval
+        kind = self._states.retry_state(a, claim.fingerprint).value
+        if kind == "approved":
+            ex.approval = a
+            ex.policy_input["approval"] = a.policy_field()
+            return None
+        if kind == "denied":
+            return self._denied
+        if kind == "used":
+            return self._not_pending
         return Verdict(verdict.decision, verdict.status, verdict.reasons, verdict.message,
-                       verdict.headers, shadowable=False,
-                       approval=res.approval.envelope_field())
+                       verdict.headers, shadowable=False, approval=a.envelope_field())
 
     async def consume(self, ex: Exchange) -> Verdict | None:
         """Use the approved approval the request carries; a verdict when it may not go."""

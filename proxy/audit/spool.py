@@ -43,6 +43,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from proxy.audit.chain import CHAIN_FIELDS
+from proxy.audit.records import FIELDS
 from proxy.canonical import canonical_json
 from proxy.ports import AuditUnavailable
 
@@ -68,8 +69,11 @@ def spool_file(directory: Path, chain_id: str) -> Path:
 
 
 def unsealed(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record without its chain position: what the spool keeps and compares."""
-    return {k: v for k, v in record.items() if k not in CHAIN_FIELDS}
+    """The record without its chain position, every fixed field present (null when
+    absent, as the store reads it back): what the spool keeps and compares."""
+    out: dict[str, Any] = {f: None for f in FIELDS if f not in CHAIN_FIELDS}
+    out.update((k, v) for k, v in record.items() if k not in CHAIN_FIELDS)
+    return out
 
 
 class Spool:
@@ -128,7 +132,7 @@ class Spool:
             except orjson.JSONDecodeError:
                 break
             if isinstance(item, dict) and isinstance(item.get("record"), dict):
-                entries.append(item["record"])
+                entries.append(unsealed(item["record"]))
             elif isinstance(item, dict) and isinstance(item.get("replay_after"), int):
                 marker, covered = int(item["replay_after"]), len(entries)
             else:

@@ -15,7 +15,8 @@ earlier versions (user version 0) are upgraded by ``casf-proxy audit
 migrate``; the proxy keeps writing them as they are until then.
 
 Several processes may open one file at once (``run --workers N``: each its
-own chain): the busy timeout is set before the first statement, and the
+own chain): the busy timeout is set before the first statement, the switch
+to WAL is retried while another process holds the lock it needs, and the
 schema is created inside ``BEGIN IMMEDIATE``, so a process that finds the
 file being set up waits for it instead of failing.
 """
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -134,27 +136,56 @@ def _create(conn: sqlite3.Connection) -> None:
         raise
 
 
+def _wal(conn: sqlite3.Connection, path: Path, timeout_s: float) -> None:
+    """Switch the file to WAL, waiting (bounded) while another connection holds a lock.
+
+    Switching needs the file's exclusive lock, and SQLite does not call the
+    busy handler when two connections want it at once (one would deadlock
+    the other): it fails at once with "database is locked". That is what a
+    worker met when another one was setting up the same new file.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()  # a bounded wait on a worker thread, never the event loop
+    delay = 0.002
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            mode = None
+        if mode == "wal":
+            return
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(
+                f"cannot switch {path} to WAL within {timeout_s} s (journal mode "
+                f"{mode or 'locked'})")
+        pause.wait(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def connect(path: Path, *, create: bool, busy_timeout_ms: int = 2000,
             open_timeout_ms: int = 10_000) -> sqlite3.Connection:
     """Open the file (WAL, synchronous commits); with ``create``, make its schema.
 
-    While opening, a lock held by another process is waited for up to
-    ``open_timeout_ms`` (another worker may be creating the file or switching
-    it to WAL); from then on the busy timeout is ``busy_timeout_ms``.
+    Several processes may open a new file at once (``run --workers N``): the
+    busy timeout is set before the first statement, the switch to WAL waits
+    for a lock held elsewhere, and the schema is created in ``BEGIN
+    IMMEDIATE``, so they wait for each other (up to ``open_timeout_ms``)
+    instead of failing. From then on the busy timeout is ``busy_timeout_ms``.
     """
     if not create and not path.exists():
         raise AuditUnavailable(f"audit file {path} does not exist")
     try:
-        # timeout= is the busy timeout from the first statement on (journal_mode
-        # included: switching to WAL needs the file's exclusive lock)
+        # timeout= is the busy timeout from the very first statement on
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                timeout=open_timeout_ms / 1000)
     except sqlite3.Error as exc:
         raise AuditUnavailable(f"cannot open audit file {path}: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout={int(open_timeout_ms)}")
-        if create or conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode=WAL")
+        if create:
+            _wal(conn, path, open_timeout_ms / 1000)
         conn.execute("PRAGMA synchronous=FULL")
         if create:
             _create(conn)

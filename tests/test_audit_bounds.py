@@ -151,7 +151,7 @@ def test_queue_max_is_a_config_key(tmp_path: Path) -> None:
 
 async def test_sqlite_refusal_is_spooled_while_locked_and_written_after(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    sink = SqliteAuditSink(db, "s-1", timeout_s=0.4, retry_s=0.1)
+    sink = SqliteAuditSink(db, "s-1", timeout_s=1, retry_s=0.1)
     await sink.start()
     try:
         await sink.append(rec("before"))
@@ -178,7 +178,7 @@ async def test_sqlite_refusal_is_spooled_while_locked_and_written_after(tmp_path
 
 async def test_sqlite_spool_is_replayed_at_start_exactly_once(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    sink = SqliteAuditSink(db, "s-1", timeout_s=0.4, retry_s=60)
+    sink = SqliteAuditSink(db, "s-1", timeout_s=1, retry_s=60)
     await sink.start()
     await sink.append(rec("before"))
     path = spool_file(sink.spool_dir, "s-1")
@@ -191,7 +191,7 @@ async def test_sqlite_spool_is_replayed_at_start_exactly_once(tmp_path: Path) ->
     saved = path.read_bytes()
     assert saved.count(b"\n") == 3
 
-    again = SqliteAuditSink(db, "s-1", timeout_s=0.4)
+    again = SqliteAuditSink(db, "s-1", timeout_s=1)
     await again.start()  # replays before anything else is written
     assert again.spooled == 0 and path.read_bytes() == b""
     await again.append(rec("next"))
@@ -201,14 +201,14 @@ async def test_sqlite_spool_is_replayed_at_start_exactly_once(tmp_path: Path) ->
     # died after the replay's commit, before the spool was emptied: the marker
     # (head seq 1 before the replay) tells the next start they are there already
     path.write_bytes(saved + b'{"replay_after":1}\n')
-    third = SqliteAuditSink(db, "s-1", timeout_s=0.4)
+    third = SqliteAuditSink(db, "s-1", timeout_s=1)
     await third.start()
     assert third.spooled == 0
     await third.close()
     assert [r["event_id"] for r in rows(db)] == ["before", "r0", "r1", "r2", "next"]
     # the same marker with nothing committed after it: the records are written
     path.write_bytes(saved + b'{"replay_after":5}\n')
-    fourth = SqliteAuditSink(db, "s-1", timeout_s=0.4)
+    fourth = SqliteAuditSink(db, "s-1", timeout_s=1)
     await fourth.start()
     await fourth.close()
     assert [r["event_id"] for r in rows(db)][5:] == ["r0", "r1", "r2"]
@@ -328,3 +328,49 @@ async def test_pg_spool_is_replayed_at_start(tmp_path: Path) -> None:
         assert [r["event_id"] for r in stored] == ["before", "outcome-1", "next"]
         cfg = str(write_config(tmp_path, lambda d: None))
         assert cli("audit", "verify", "-c", cfg, dsn=server.dsn).returncode == 0
+
+
+async def test_a_spool_that_cannot_be_opened_leaves_the_sink_running(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    db = tmp_path / "a.db"
+    sink = SqliteAuditSink(db, "s-1", timeout_s=1, spool_dir=not_a_dir / "spool")
+    await sink.start()  # the store works: requests are served, without a spool
+    try:
+        assert (await sink.append(rec("ok"))).seq == 1
+        with locked(db):
+            lost = sink.append_later(rec("lost", "outcome"))
+            with pytest.raises(AuditUnavailable) as err:
+                await lost
+            assert not isinstance(err.value, AuditSpooled)  # failed as before, not kept
+    finally:
+        await sink.close()
+
+
+async def test_one_chain_has_one_spool_writer(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    first = SqliteAuditSink(db, "s-1", timeout_s=1)
+    await first.start()
+    try:
+        twin = SqliteAuditSink(db, "s-1", timeout_s=1)
+        with pytest.raises(AuditUnavailable, match="in use by another process"):
+            await twin.start()
+    finally:
+        await first.close()
+
+
+async def test_records_still_queued_at_close_are_spooled(tmp_path: Path) -> None:
+    """Shutdown during an outage: what is queued for the writer is kept, not dropped."""
+    db = tmp_path / "a.db"
+    sink = SqliteAuditSink(db, "s-1", timeout_s=1)
+    await sink.start()
+    await sink.append(rec("before"))
+    with locked(db):
+        queued = [sink.append_later(rec(f"out-{i}", "outcome")) for i in range(20)]
+        await sink.close()  # right away: none of them can be committed
+    assert all(f.done() and isinstance(f.exception(), AuditSpooled) for f in queued)
+    again = SqliteAuditSink(db, "s-1", timeout_s=1)
+    await again.start()
+    await again.close()
+    assert [r["event_id"] for r in rows(db)] == ["before"] + [f"out-{i}" for i in range(20)]
+    assert await sqlite_verified(db) == 21

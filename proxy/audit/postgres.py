@@ -319,8 +319,12 @@ class PostgresAuditSink(QueuedSink):
             try:
                 await asyncio.to_thread(spool.open)
             except SpoolError as exc:
-                conn.terminate()
-                raise AuditStartError(str(exc)) from exc
+                if exc.in_use:
+                    conn.terminate()
+                    raise AuditStartError(str(exc)) from exc
+                log.error("audit: %s; running without a spool (a record nobody waits for is "
+                          "lost when its commit fails)", exc)
+                spool.disable(str(exc))
             self._spool = spool
         self._w = self._watch(conn)
         self._ok = True
@@ -443,6 +447,7 @@ class PostgresAuditSink(QueuedSink):
     async def close(self) -> None:
         """Flush queued records (bounded), stop the writer, release the lease."""
         await self._stop_writer()
+        await self._failed(self._leftovers(), "the audit writer stopped")
         w, self._w = self._w, None
         if w is not None:
             await _close(w.conn, self.timeout_s)
@@ -643,7 +648,7 @@ class PostgresReader:
         """The chain's records by seq; without bounds every row of the chain."""
         if lo is None and hi is None:
             sql = (f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608
-                   "WHERE chain_id = $1 ORDER BY seq NULLS FIRST")
+                   "WHERE chain_id = $1 ORDER BY seq")  # seq is NOT NULL: the index order
             args: tuple[Any, ...] = (chain_id,)
         else:
             sql = (f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608

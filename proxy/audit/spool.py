@@ -53,7 +53,12 @@ class AuditSpooled(AuditUnavailable):
 
 
 class SpoolError(Exception):
-    """The spool cannot be used (unwritable directory, held by another process)."""
+    """The spool cannot be used: its directory or file cannot be opened, or
+    (``in_use``) another process holds it (two writers on one chain)."""
+
+    def __init__(self, message: str, *, in_use: bool = False) -> None:
+        super().__init__(message)
+        self.in_use = in_use
 
 
 _SAFE = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -86,6 +91,7 @@ class Spool:
         self.marker: int | None = None  # head seq before a replay whose outcome is unknown
         self.covered = 0  # how many of the entries the marker covers
         self._fh: BinaryIO | None = None
+        self.disabled: str | None = None  # why records cannot be kept (the spool is off)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -108,9 +114,13 @@ class Spool:
         except OSError as exc:
             fh.close()
             raise SpoolError(f"audit spool {self.path} is in use by another process "
-                             "(two writers on one chain?)") from exc
+                             "(two writers on one chain?)", in_use=True) from exc
         self._fh = fh
         self._load()
+
+    def disable(self, reason: str) -> None:
+        """Run without a spool: :meth:`add` keeps nothing (records fail as before)."""
+        self.disabled = reason
 
     def close(self) -> None:
         fh, self._fh = self._fh, None
@@ -158,6 +168,8 @@ class Spool:
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> int:
         """Keep as many of ``records`` as fit (in order), durably; returns how many."""
+        if self._fh is None:
+            return 0
         room = max(0, self.max_records - len(self.entries))
         taken = [unsealed(r) for r in records[:room]]
         if not taken:

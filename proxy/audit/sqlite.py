@@ -391,10 +391,14 @@ class SqliteAuditSink(QueuedSink):
                         "on chain positions): run `casf-proxy audit migrate -c FILE`", self.path)
         try:
             self._spool.open()
-        except SpoolError:
-            self._conn.close()
-            self._conn = None
-            raise
+        except SpoolError as exc:
+            if exc.in_use:
+                self._conn.close()
+                self._conn = None
+                raise
+            log.error("audit: %s; running without a spool (a record nobody waits for is "
+                      "lost when its commit fails)", exc)
+            self._spool.disable(str(exc))
         return self._head()
 
     async def start(self) -> None:
@@ -419,6 +423,7 @@ class SqliteAuditSink(QueuedSink):
     async def close(self) -> None:
         """Flush queued records (bounded), then stop the writer and close the file."""
         await self._stop_writer()
+        await self._failed(self._leftovers(), "the audit writer stopped")
         if self._conn is not None:
             await self._run(self._conn.close)
         await self._run(self._spool.close)
@@ -505,7 +510,7 @@ class SqliteAuditSink(QueuedSink):
                 await self._run(self._replay)
             except Exception as exc:
                 self._ok = False
-                await self._failed(batch, exc)
+                await self._failed(batch, f"audit commit failed: {exc}")
                 return
         seq, prev = self._seq, self._prev
         rows: list[tuple[Any, ...]] = []
@@ -535,7 +540,7 @@ class SqliteAuditSink(QueuedSink):
         except Exception as exc:
             self._ok = False
             await self._failed([e for e, r in zip(batch, receipts, strict=True)
-                                if r is not None], exc)
+                                if r is not None], f"audit commit failed: {exc}")
         else:
             self._ok = True
             self._seq, self._prev = seq, prev
@@ -545,7 +550,7 @@ class SqliteAuditSink(QueuedSink):
         finally:
             self._committing_since = None
 
-    async def _failed(self, batch: list[Pending], exc: BaseException) -> None:
+    async def _failed(self, batch: list[Pending], error: str) -> None:
         """A batch not committed: waiters get AuditUnavailable, append_later records the spool."""
         later = [(r, f) for r, f, is_later in batch if is_later and not f.done()]
         taken = 0
@@ -555,13 +560,9 @@ class SqliteAuditSink(QueuedSink):
             except Exception:
                 log.exception("audit: cannot write the spool %s", self._spool.path)
         for i, (_, fut) in enumerate(later):
-            if fut.done():
-                continue
-            if i < taken:
-                fut.set_exception(AuditSpooled(f"audit commit failed ({exc}); kept in the "
-                                               "local spool"))
-            else:
-                fut.set_exception(AuditUnavailable(f"audit commit failed: {exc} (spool full)"))
+            if not fut.done():
+                fut.set_exception(AuditSpooled(f"{error}; kept in the local spool") if i < taken
+                                  else AuditUnavailable(error))
         for _, fut, _ in batch:
             if not fut.done():
-                fut.set_exception(AuditUnavailable(f"audit commit failed: {exc}"))
+                fut.set_exception(AuditUnavailable(error))

@@ -107,6 +107,14 @@ class QueuedSink:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
 
+    def _leftovers(self) -> list[Pending]:
+        """What is still queued once the writer has stopped (for the spool, at close)."""
+        out: list[Pending] = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+            self._queue.task_done()
+        return out
+
     def append_later(self, record: dict[str, Any]) -> asyncio.Future[AuditReceipt]:
         """Queue a record nobody waits for and return at once.
 

@@ -251,7 +251,8 @@ async def _verify(cfg: Config, env: Environment, chain: str | None, since: str |
     async with _open_reader(cfg, env) as (reader, store):
         async for res in check_chains(reader, chain, since, until):
             chains += 1
-            seen.append(res.chain_id)
+            if res.check.chain_id == res.chain_id:  # not a row of no chain
+                seen.append(res.chain_id)
             if res.broken is not None:
                 broken += 1
                 print(f"BROKEN {res.broken} [{res.broken.kind}]")

@@ -374,3 +374,52 @@ async def test_records_still_queued_at_close_are_spooled(tmp_path: Path) -> None
     await again.close()
     assert [r["event_id"] for r in rows(db)] == ["before"] + [f"out-{i}" for i in range(20)]
     assert await sqlite_verified(db) == 21
+
+
+async def test_sqlite_spooled_records_go_first_in_the_next_commit(tmp_path: Path) -> None:
+    """No retry in between: the next batch carries the spooled records ahead of its own."""
+    db = tmp_path / "a.db"
+    sink = SqliteAuditSink(db, "s-1", timeout_s=1, retry_s=60)
+    await sink.start()
+    try:
+        await sink.append(rec("before"))
+        with locked(db):
+            with pytest.raises(AuditSpooled):
+                await sink.append_later(rec("refusal"))
+        after = await sink.append(rec("after"))
+        await until(lambda: sink.spooled == 0, "the spool to be emptied")
+    finally:
+        await sink.close()
+    assert [r["event_id"] for r in rows(db)] == ["before", "refusal", "after"]
+    assert after.seq == 3 and await sqlite_verified(db) == 3
+
+
+@pytest.mark.postgres
+async def test_pg_spooled_records_go_first_in_the_next_copy(tmp_path: Path) -> None:
+    async with own_server() as server:
+        sink = PostgresAuditSink(server.dsn, "p-1", timeout_s=1, retry_s=60,
+                                 spool_dir=tmp_path / "spool")
+        await sink.start()
+        try:
+            await sink.append(rec("before"))
+            await asyncio.to_thread(server.stop, "immediate")
+            with pytest.raises(AuditSpooled):
+                await sink.append_later(rec("refusal"))
+            await asyncio.to_thread(server.start)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while True:  # the first append after the restart may still find it down
+                try:
+                    after = await sink.append(rec("after"))
+                    break
+                except AuditUnavailable:
+                    assert loop.time() < deadline, "the sink did not recover"
+                    await asyncio.sleep(0.1)
+            await until(lambda: sink.spooled == 0, "the spool to be emptied")
+        finally:
+            await sink.close()
+        stored = await pg_rows(server.dsn, "p-1")
+        assert [r["event_id"] for r in stored][:2] == ["before", "refusal"]
+        assert stored[-1]["event_id"] == "after" and after.seq == len(stored)
+        cfg = str(write_config(tmp_path, lambda d: None))
+        assert cli("audit", "verify", "-c", cfg, dsn=server.dsn).returncode == 0

@@ -343,17 +343,17 @@ class PostgresAuditSink(QueuedSink):
         """Records waiting in the local spool for the store to commit again."""
         return len(self._spool) if self._spool is not None else 0
 
-    async def _replay(self, w: _Writer) -> None:
-        """Write the spooled records to the chain, on the lease's connection.
+    async def _prepare_replay(self, w: _Writer) -> tuple[list[tuple[Any, ...]], int, str]:
+        """The spooled records sealed onto the chain head, their marker written.
 
         A replay whose outcome is unknown is settled first (the records after
-        its marker are read back); raises :class:`AuditUnavailable` when the
-        replay does not commit (the connection is dropped, as after any failed
-        batch).
+        its marker are read back). Returns the rows to write before anything
+        newer, and the head after them; raises :class:`AuditUnavailable` (the
+        connection dropped) when the store cannot be read.
         """
         sp = self._spool
         if sp is None or not sp.pending:
-            return
+            return [], self._seq, self._prev
         try:
             if sp.marker is not None:
                 stored = await w.conn.fetch(
@@ -365,7 +365,7 @@ class PostgresAuditSink(QueuedSink):
                                 self.chain_id)
             if not sp.entries:
                 await asyncio.to_thread(sp.committed)
-                return
+                return [], self._seq, self._prev
             seq, prev = self._seq, self._prev
             rows = []
             for entry in sp.entries:
@@ -373,7 +373,20 @@ class PostgresAuditSink(QueuedSink):
                 rows.append(to_row(record))
                 seq, prev = seq + 1, record["hash"]
             await asyncio.to_thread(sp.begin, self._seq)
-            self._committing_since = time.monotonic()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._ok = False
+            self._last_error = f"spool replay failed: {type(exc).__name__}: {exc}"
+            await self._drop()
+            raise AuditUnavailable(self._last_error) from exc
+        return rows, seq, prev
+
+    async def _replay(self, w: _Writer) -> None:
+        """Write the spooled records to the chain on their own (no newer record waits)."""
+        rows, seq, prev = await self._prepare_replay(w)
+        if not rows:
+            return
+        self._committing_since = time.monotonic()
+        try:
             await w.conn.copy_records_to_table(TABLE, records=rows, columns=COLUMNS,
                                                timeout=self.timeout_s * 0.8)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -385,9 +398,13 @@ class PostgresAuditSink(QueuedSink):
             self._committing_since = None
         self._seq, self._prev = seq, prev
         self.batches += 1
-        await asyncio.to_thread(sp.committed)
+        await self._spool_written(len(rows))
+
+    async def _spool_written(self, n: int) -> None:
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.committed)
         log.warning("audit: %d spooled record(s) written to chain %r (now at seq %d)",
-                    len(rows), self.chain_id, seq)
+                    n, self.chain_id, self._seq)
 
     async def _reconnect(self) -> _Writer:
         """A connection holding the lease, with the chain head re-read (after any failure)."""
@@ -517,14 +534,14 @@ class PostgresAuditSink(QueuedSink):
     async def _write(self, live: list[Pending]) -> None:
         try:
             w = await self._reconnect()
-            await self._replay(w)  # older records first: the chain keeps their order
+            # older records first, in the same COPY: the chain keeps their order
+            rows, seq, prev = await self._prepare_replay(w)
         except AuditUnavailable as exc:
             self._ok = False
             await self._failed(live, str(exc))
             return
+        spooled = len(rows)
         live = [e for e in live if not e[1].done()]  # waiters may give up meanwhile
-        seq, prev = self._seq, self._prev
-        rows: list[tuple[Any, ...]] = []
         done: list[tuple[Pending, AuditReceipt]] = []
         for entry in live:
             record, fut, _ = entry
@@ -570,6 +587,8 @@ class PostgresAuditSink(QueuedSink):
                     fut.set_result(receipt)
         finally:
             self._committing_since = None
+        if spooled and self._ok:
+            await self._spool_written(spooled)
 
 
 # ------------------------------------------------------------------ reading

@@ -188,10 +188,14 @@ class Spool:
         self.marker, self.covered = head_seq, len(self.entries)
 
     def committed(self) -> None:
-        """The replay committed: the spool is empty again."""
+        """The replay committed: the spool is empty again.
+
+        No fsync: should the truncation be lost, the records come back with
+        their marker, and the next replay finds them in the store.
+        """
         assert self._fh is not None
         self._fh.truncate(0)
-        self._sync()
+        self._fh.flush()
         self.entries, self.marker, self.covered = [], None, 0
 
     def resolve(self, stored: Sequence[Mapping[str, Any]]) -> int:
@@ -199,17 +203,22 @@ class Spool:
 
         ``stored`` are the chain's records at seq ``marker + 1`` onwards (up to
         ``covered`` of them, in order). When they are the spooled records, that
-        replay committed and they are dropped. The file is rewritten without
-        the marker either way; returns how many records were dropped.
+        replay committed: they are dropped (the file is rewritten without
+        them). Otherwise the marker is only forgotten: the next one appended
+        supersedes it (on load, only the last marker counts; every earlier one
+        was settled as not committed before it was written). Returns how many
+        records were dropped.
         """
         if self.marker is None:
             return 0
         covered = self.entries[:self.covered]
         done = (len(stored) == len(covered)
                 and all(unsealed(s) == c for s, c in zip(stored, covered, strict=True)))
-        rest = self.entries[self.covered:] if done else self.entries
-        self._rewrite(rest)
-        return len(covered) if done else 0
+        if not done:
+            self.marker, self.covered = None, 0
+            return 0
+        self._rewrite(self.entries[self.covered:])
+        return len(covered)
 
     def _rewrite(self, entries: list[dict[str, Any]]) -> None:
         """Replace the file's content by ``entries`` (atomically: write, fsync, rename)."""

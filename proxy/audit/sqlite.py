@@ -448,8 +448,12 @@ class SqliteAuditSink(QueuedSink):
                 conn.execute("ROLLBACK")
             raise
 
-    def _replay(self) -> None:
-        """Write the spooled records to the chain (first a replay of unknown outcome is settled)."""
+    def _prepare_replay(self) -> tuple[list[tuple[Any, ...]], int, str]:
+        """The spooled records sealed onto the chain head, their marker written.
+
+        A replay of unknown outcome is settled first. Returns the rows to
+        commit (before anything newer) and the head after them.
+        """
         assert self._conn is not None
         sp = self._spool
         if sp.marker is not None:
@@ -459,20 +463,27 @@ class SqliteAuditSink(QueuedSink):
             if sp.resolve([from_row(r) for r in cur.fetchall()]):
                 log.warning("audit: the last spool replay of chain %r had committed",
                             self.chain_id)
-        seq, prev = self._head()
+        head, prev = self._head()
         if not sp.entries:
             sp.committed()
-            self._seq, self._prev = seq, prev
-            return
+            self._seq, self._prev = head, prev
+            return [], head, prev
         rows = []
+        seq = head
         for entry in sp.entries:
             record = seal(dict(entry), self.chain_id, seq + 1, prev)
             rows.append(to_row(record))
             seq, prev = seq + 1, record["hash"]
-        sp.begin(seq - len(rows))
-        self._commit(rows)
-        sp.committed()
-        self._seq, self._prev = seq, prev
+        sp.begin(head)
+        return rows, seq, prev
+
+    def _replay(self) -> None:
+        """Write the spooled records to the chain on their own (no newer record waits)."""
+        rows, seq, prev = self._prepare_replay()
+        if rows:
+            self._commit(rows)
+            self._spool.committed()
+            self._seq, self._prev = seq, prev
 
     async def _next(self) -> Pending | None:
         """The next queued record; with records spooled, wake up to retry the file."""
@@ -505,15 +516,17 @@ class SqliteAuditSink(QueuedSink):
                     q.task_done()
 
     async def _write(self, batch: list[Pending]) -> None:
-        if self._spool.pending:  # older records first: the chain keeps their order
+        seq, prev = self._seq, self._prev
+        rows: list[tuple[Any, ...]] = []
+        spooled = 0
+        if self._spool.pending:  # older records first, in the same transaction
             try:
-                await self._run(self._replay)
+                rows, seq, prev = await self._run(self._prepare_replay)
             except Exception as exc:
                 self._ok = False
                 await self._failed(batch, f"audit commit failed: {exc}")
                 return
-        seq, prev = self._seq, self._prev
-        rows: list[tuple[Any, ...]] = []
+            spooled = len(rows)
         receipts: list[AuditReceipt | None] = []
         for record, fut, _ in batch:
             if fut.done():  # the waiter gave up (timed out): its request was refused
@@ -549,6 +562,10 @@ class SqliteAuditSink(QueuedSink):
                     fut.set_result(receipt)
         finally:
             self._committing_since = None
+        if spooled and self._ok:
+            await self._run(self._spool.committed)
+            log.warning("audit: %d spooled record(s) written to chain %r", spooled,
+                        self.chain_id)
 
     async def _failed(self, batch: list[Pending], error: str) -> None:
         """A batch not committed: waiters get AuditUnavailable, append_later records the spool."""

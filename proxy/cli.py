@@ -322,6 +322,10 @@ async def _export(cfg: Config, env: Environment, args: argparse.Namespace,
         print(f"casf-proxy audit export: BROKEN {brk} [{brk.kind}]: export stopped; "
               f"{exp.written} record(s) before it were written", file=sys.stderr)
         return EXIT_FAILED
+    if stop.is_set() and not args.follow:
+        print(f"casf-proxy audit export: interrupted: the output is incomplete "
+              f"({exp.written} record(s) written)", file=sys.stderr)
+        return EXIT_ERROR
     if args.chain is not None and not exp.checks:
         print(f"casf-proxy audit export: no records for chain {args.chain!r} ({store})",
               file=sys.stderr)

@@ -35,8 +35,12 @@ class Exporter:
     chain: str | None = None
     since: str | None = None
     until: str | None = None
+    stop: asyncio.Event | None = None  # set: end at the next record (SIGINT/SIGTERM)
     written: int = 0
     checks: dict[str, ChainCheck] = field(default_factory=dict)
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def _selected(self, record: dict[str, Any]) -> bool:
         ts = record.get("ts")
@@ -50,6 +54,8 @@ class Exporter:
     async def _feed(self, check: ChainCheck, records: AsyncIterator[dict[str, Any]]
                     ) -> Break | None:
         async for rec in records:
+            if self._stopping():
+                return None
             brk = check.feed(rec)
             if brk is not None:
                 return brk
@@ -73,6 +79,8 @@ class Exporter:
                 brk = await self._feed(check, records)
             if brk is not None:
                 return brk
+            if self._stopping():
+                return None
         if self.chain is None:
             for problem in await self.reader.strays():
                 return Break("(no chain)", 0, "?", problem, "inserted")
@@ -84,7 +92,7 @@ async def run_export(reader: AuditReader, write: Callable[[bytes], object],
                      until: str | None, follow: bool, interval_s: float,
                      stop: asyncio.Event) -> tuple[Exporter, Break | None]:
     """Export once, or follow until ``stop``; returns the exporter and the first break."""
-    exp = Exporter(reader, write, chain, since, until)
+    exp = Exporter(reader, write, chain, since, until, stop)
     interval = min(max(interval_s, MIN_INTERVAL_S), MAX_INTERVAL_S)
     while True:
         brk = await exp.poll()

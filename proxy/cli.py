@@ -250,14 +250,16 @@ def cmd_audit_verify(args: argparse.Namespace, env: Environment) -> int:
 
 async def _verify(cfg: Config, env: Environment, chain: str | None, since: str | None,
                   until: str | None, anchor: bytes | None) -> int:
-    from proxy.audit.chain import record_hash
     from proxy.audit.digest import verify as verify_digest
-    from proxy.audit.verify import check_chains
+    from proxy.audit.verify import check_chains, compare_with_digest
 
     broken = chains = total = 0
+    seen: list[str] = []
     async with _open_reader(cfg, env) as (reader, store):
         async for res in check_chains(reader, chain, since, until):
             chains += 1
+            if res.check.chain_id == res.chain_id:  # not a row of no chain
+                seen.append(res.chain_id)
             if res.broken is not None:
                 broken += 1
                 print(f"BROKEN {res.broken} [{res.broken.kind}]")
@@ -274,22 +276,12 @@ async def _verify(cfg: Config, env: Environment, chain: str | None, since: str |
             else:
                 import orjson
 
-                for entry in orjson.loads(anchor)["chains"]:
-                    cid = entry["chain_id"]
-                    if chain is not None and cid != chain:
-                        continue
-                    for seq, want in ((entry["first_seq"], entry["first_hash"]),
-                                      (entry["last_seq"], entry["last_hash"])):
-                        rec = await reader.record_at(cid, seq)
-                        if rec is None or rec.get("hash") != want or record_hash(rec) != want:
-                            broken += 1
-                            what = "missing" if rec is None else "not the record the digest saw"
-                            print(f"BROKEN chain {cid!r} seq {seq}: {what} "
-                                  "(records removed or replaced after the digest)")
-                            break
-                    else:
-                        print(f"ok chain {cid!r} still holds the digest's records "
-                              f"seq {entry['first_seq']}..{entry['last_seq']}")
+                if since is not None or until is not None:  # every chain, not the window's
+                    seen = [cid for cid, _, _ in await reader.chains(chain, None, None)]
+                for f in await compare_with_digest(reader, orjson.loads(anchor), seen, chain):
+                    broken += f.status == "broken"
+                    print({"ok": "ok ", "broken": "BROKEN ", "new": "NEW "}[f.status]
+                          + f.message)
     if broken:
         print(f"chain verification FAILED ({store}): {broken} problem(s)")
         return EXIT_FAILED
@@ -300,17 +292,71 @@ async def _verify(cfg: Config, env: Environment, chain: str | None, since: str |
     return EXIT_OK
 
 
+def cmd_audit_export(args: argparse.Namespace, env: Environment) -> int:
+    cfg = _config(args, env)
+    try:
+        since, until = _window(args)
+    except ValueError as exc:
+        print(f"casf-proxy audit export: --since/--until: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return _run_store("audit export", _export(cfg, env, args, since, until))
+
+
+async def _export(cfg: Config, env: Environment, args: argparse.Namespace,
+                  since: str | None, until: str | None) -> int:
+    from proxy.audit.export import run_export
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    out = sys.stdout.buffer
+    try:
+        async with _open_reader(cfg, env) as (reader, store):
+            exp, brk = await run_export(reader, out.write, out.flush, chain=args.chain,
+                                        since=since, until=until, follow=args.follow,
+                                        interval_s=args.interval, stop=stop)
+    except BrokenPipeError:  # the consumer went away: nothing more to do
+        import os
+
+        # no second BrokenPipeError when the interpreter flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if brk is not None:
+        print(f"casf-proxy audit export: BROKEN {brk} [{brk.kind}]: export stopped; "
+              f"{exp.written} record(s) before it were written", file=sys.stderr)
+        return EXIT_FAILED
+    if stop.is_set() and not args.follow:
+        print(f"casf-proxy audit export: interrupted: the output is incomplete "
+              f"({exp.written} record(s) written)", file=sys.stderr)
+        return EXIT_ERROR
+    if args.chain is not None and not exp.checks:
+        print(f"casf-proxy audit export: no records for chain {args.chain!r} ({store})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"casf-proxy audit export: {exp.written} record(s) of {len(exp.checks)} chain(s) "
+          f"written and verified ({store})", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_audit_migrate(args: argparse.Namespace, env: Environment) -> int:
     cfg = _config(args, env)
     if not env.pg_dsn:
-        from proxy.audit.sqlite import connect
+        from proxy.audit.sqlite import MigrationRefused, migrate_file
 
         try:
-            connect(cfg.audit.sqlite_path, create=True).close()
+            state = migrate_file(cfg.audit.sqlite_path)
+        except MigrationRefused as exc:
+            print(f"casf-proxy audit migrate: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         except _store_errors() as exc:
             print(f"casf-proxy audit migrate: {exc}", file=sys.stderr)
             return EXIT_ERROR
-        print(f"ok: SQLite audit store ready at {cfg.audit.sqlite_path} (PG_DSN is not set)")
+        print(f"ok: SQLite audit store ready at {cfg.audit.sqlite_path} (schema {state}; "
+              "PG_DSN is not set)")
         return EXIT_OK
     from proxy.audit.postgres import migrate
 
@@ -369,8 +415,24 @@ def cmd_audit_digest(args: argparse.Namespace, env: Environment) -> int:
             print(f"casf-proxy audit digest: --sign needs a private key; {args.sign} is a "
                   "public key", file=sys.stderr)
             return EXIT_ERROR
+    previous: dict[str, Any] | None = None
+    if args.previous:
+        import orjson
+
+        try:
+            raw_prev = Path(args.previous).read_bytes()
+        except OSError as exc:
+            print(f"casf-proxy audit digest: cannot read {args.previous}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        ok, notes = digest.verify(raw_prev)
+        if not ok:
+            print(f"casf-proxy audit digest: --previous {args.previous}: " + "; ".join(notes),
+                  file=sys.stderr)
+            return EXIT_FAILED
+        previous = orjson.loads(raw_prev)
     built: list[dict[str, Any]] = []
-    code = _run_store("audit digest", _digest(cfg, env, args.date, window, built))
+    code = _run_store("audit digest", _digest(cfg, env, args.date, window, built, previous))
     if code != EXIT_OK:
         return code
     doc = built[0]
@@ -395,11 +457,17 @@ def cmd_audit_digest(args: argparse.Namespace, env: Environment) -> int:
 
 
 async def _digest(cfg: Config, env: Environment, day: str | None,
-                  window: tuple[str, str] | None, out: list[dict[str, Any]]) -> int:
-    """Verify what the digest covers and build it (appended to ``out``); exit code."""
+                  window: tuple[str, str] | None, out: list[dict[str, Any]],
+                  previous: dict[str, Any] | None = None) -> int:
+    """Verify what the digest covers and build it (appended to ``out``); exit code.
+
+    With ``previous`` (the last digest), the store must still hold what it
+    covered, and every chain it does not know is named (new, or forged when it
+    has records in the time the previous digest covers).
+    """
     from proxy.audit import digest
     from proxy.audit.records import now_iso
-    from proxy.audit.verify import check_chains
+    from proxy.audit.verify import check_chains, compare_with_digest
 
     since, until = window if window else (None, None)
     entries: list[dict[str, Any]] = []
@@ -411,6 +479,14 @@ async def _digest(cfg: Config, env: Environment, day: str | None,
                 print(f"BROKEN {res.broken} [{res.broken.kind}]", file=sys.stderr)
             else:
                 entries.append(res.summary())
+        if previous is not None:
+            every = [cid for cid, _, _ in await reader.chains(None, None, None)]
+            for f in await compare_with_digest(reader, previous, every):
+                if f.status == "broken":
+                    broken += 1
+                    print(f"BROKEN {f.message}", file=sys.stderr)
+                elif f.status == "new":
+                    print(f"NEW {f.message}", file=sys.stderr)
     if broken:
         print(f"casf-proxy audit digest: {broken} broken chain(s): no digest written "
               "(run `casf-proxy audit verify`, see docs/audit.md runbook)", file=sys.stderr)
@@ -477,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also check the store still holds the records a digest covers")
     p_verify.set_defaults(func=cmd_audit_verify)
 
+    p_export = audit_sub.add_parser("export", help="the records as JSON lines on stdout, "
+                                    "each verified against its chain as it is written")
+    with_config(p_export)
+    p_export.add_argument("--chain", help="export one chain only")
+    p_export.add_argument("--since", help="ISO-8601: only records at or after (inclusive)")
+    p_export.add_argument("--until", help="ISO-8601: only records before (exclusive)")
+    p_export.add_argument("--follow", action="store_true",
+                          help="keep polling for new records until SIGINT/SIGTERM")
+    p_export.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                          help="with --follow: seconds between polls (0.05..60, default 1)")
+    p_export.set_defaults(func=cmd_audit_export)
+
     p_migrate = audit_sub.add_parser("migrate", help="create or upgrade the audit schema "
                                      "(PostgreSQL with PG_DSN, else the SQLite file)")
     with_config(p_migrate)
@@ -489,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_digest.add_argument("--sign", metavar="KEYFILE",
                           help="Ed25519 private key (PEM) to sign the digest with")
     p_digest.add_argument("--out", metavar="FILE", help="write the digest here (default: stdout)")
+    p_digest.add_argument("--previous", metavar="FILE",
+                          help="the last digest: check the store still holds what it covered "
+                          "and name every chain it does not know")
     p_digest.add_argument("--verify", metavar="FILE", help="check a digest file instead")
     p_digest.add_argument("--key", metavar="KEYFILE",
                           help="with --verify: the signer's public (or private) key (PEM)")

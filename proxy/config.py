@@ -264,6 +264,8 @@ class AuditConfig:
     # false: chain_id was not configured; on PostgreSQL each process then takes
     # the first free worker chain "{HOSTNAME}-{n}" (docs/audit.md, chains)
     chain_id_set: bool = True
+    queue_max: int = 10_000  # records waiting for the writer; beyond: 503 Audit_Unavailable
+    spool_dir: Path | None = None  # None: casf-audit-spool next to sqlite_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,7 +632,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     au = r.mapping(top.get("audit"), "audit")
     r.known(au, "audit", {"sqlite_path", "chain_id", "batch_max", "batch_wait_ms",
-                          "timeout_ms", "redact"})
+                          "timeout_ms", "redact", "queue_max", "spool_dir"})
     redact: dict[str, str] = {}
     for target, action in r.mapping(au.get("redact"), "audit.redact").items():
         if not _TARGET.match(str(target)):
@@ -648,6 +650,9 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         timeout_s=r.number(au, "timeout_ms", "audit", 2000, 1) / 1000,
         redact=redact,
         chain_id_set=bool(au.get("chain_id")),
+        queue_max=r.integer(au, "queue_max", "audit", 10_000, 1),
+        spool_dir=(base / r.string(au, "spool_dir", "audit") if au.get("spool_dir")
+                   else (base / sqlite_path).parent / "casf-audit-spool"),
     )
 
     defaults = r.mapping(top.get("defaults"), "defaults")

@@ -15,6 +15,24 @@ from typing import Any
 from proxy.canonical import canonical_json
 
 GENESIS = ""
+CHAIN_FIELDS = ("chain_id", "seq", "prev_hash", "hash")
+
+
+class StoredRecord(dict[str, Any]):
+    """A record as read back from a store.
+
+    ``problem`` is set when the row itself is inconsistent, whatever its
+    hash says: a field stored both in its column and in ``extra``, or in
+    ``extra`` where its column could have held it, or an ``extra`` that is
+    not a JSON object. Such a row is tampering: the verifier reports it as a
+    modified record.
+    """
+
+    __slots__ = ("problem",)
+
+    def __init__(self, fields: dict[str, Any], problem: str | None = None) -> None:
+        super().__init__(fields)
+        self.problem = problem
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -59,6 +77,11 @@ def _seq(record: Mapping[str, Any] | None) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
+def valid_seq(value: Any) -> bool:
+    """Whether ``value`` can be a chain position (1, 2, 3, ...)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(slots=True)
 class ChainCheck:
     """Incremental verifier for one chain, fed records in ``seq`` order.
@@ -97,6 +120,12 @@ class ChainCheck:
             return None
         if self._pending is not None:
             return self._conclude(self._pending, record)
+        problem = getattr(record, "problem", None)
+        if problem:
+            seq = _seq(record) if valid_seq(record.get("seq")) else self.expected_seq
+            self.broken = Break(self.chain_id, seq, str(record.get("event_id", "?")),
+                                f"{problem} (record modified)", "modified")
+            return self.broken
         if (_seq(record) == self.expected_seq and record.get("prev_hash") == self.prev_hash
                 and record_hash(record) == record.get("hash")):
             if self.count == 0:
@@ -131,6 +160,11 @@ def _classify(c: ChainCheck, r: Mapping[str, Any], n: Mapping[str, Any] | None) 
     def brk(problem: str, kind: str) -> Break:
         return Break(c.chain_id, seq, event, problem, kind)
 
+    raw = r.get("seq")
+    if not valid_seq(raw):
+        # no writer stores such a row: 1, 2, 3, ... are the only positions
+        return Break(c.chain_id, e, event, f"a record stored at seq {_show(raw)}, outside the "
+                     f"chain's positions 1, 2, 3, ... (inserted)", "inserted")
     if seq != e:
         if seq > e:
             if n is not None and _seq(n) == e:
@@ -160,6 +194,10 @@ def _classify(c: ChainCheck, r: Mapping[str, Any], n: Mapping[str, Any] | None) 
         return brk("hash and prev_hash do not match: record modified", "modified")
     return brk("prev_hash does not match the previous record "
                "(record inserted, deleted or reordered before this one)", "broken-link")
+
+
+def _show(value: Any) -> str:
+    return "NULL" if value is None else repr(value)
 
 
 def verify_records(records: Iterable[Mapping[str, Any]]) -> Iterator[Break | ChainCheck]:

@@ -43,17 +43,19 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
-from proxy.audit.chain import GENESIS, seal
+from proxy.audit.chain import GENESIS, StoredRecord, seal
 from proxy.audit.records import FIELDS
-from proxy.audit.waiting import QueuedSink
+from proxy.audit.spool import AuditSpooled, Spool, SpoolError, spool_file
+from proxy.audit.waiting import DEFAULT_QUEUE_MAX, Pending, QueuedSink
 from proxy.canonical import canonical_json
 from proxy.ports import AuditReceipt, AuditUnavailable
 from proxy.tasks import spawn
@@ -108,8 +110,8 @@ def to_row(record: dict[str, Any]) -> tuple[Any, ...]:
 
     A value that does not fit its column's type (which the proxy never
     produces, but a record must never be refused for it) is kept in
-    ``extra`` under its own name, where it overrides the empty column when
-    the record is read back: the hashed record is reproduced exactly.
+    ``extra`` under its own name, with its column NULL: the hashed record is
+    reproduced exactly, and :func:`from_row` accepts nothing else there.
     """
     extra = {k: v for k, v in record.items() if k not in FIELDS}
     values: list[Any] = []
@@ -125,14 +127,36 @@ def to_row(record: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def from_row(row: Any) -> dict[str, Any]:
-    """The record as it was hashed, from a row of :data:`COLUMNS`."""
+def from_row(row: Any) -> StoredRecord:
+    """The record a reader of the row sees, from a row of :data:`COLUMNS`.
+
+    A column's field may appear in ``extra`` only the way :func:`to_row`
+    puts it there: its column NULL and a value the column cannot hold. A
+    field in both places, or in ``extra`` although its column could hold it
+    (or a JSON field, or null), is an inconsistent row: tampering.
+    """
     record: dict[str, Any] = {}
+    problems: list[str] = []
     for f in FIELDS:
         v = row[f]
         record[f] = orjson.loads(v) if f in _JSON and v is not None else v
-    record.update(orjson.loads(row["extra"]))
-    return record
+    extra = orjson.loads(row["extra"]) if row["extra"] is not None else None
+    if not isinstance(extra, dict):
+        problems.append("column extra is not a JSON object")
+        extra = {}
+    both = sorted(k for k in extra if k in record and record[k] is not None)
+    if both:
+        problems.append(f"field(s) {', '.join(both)} stored in extra as well as in their "
+                        "column(s)")
+    misplaced = sorted(k for k in extra if k in record and record[k] is None
+                       and (extra[k] is None or _fits(k, extra[k])))
+    if misplaced:
+        problems.append(f"field(s) {', '.join(misplaced)} stored in extra although their "
+                        "column(s) could hold them")
+    for k, v in extra.items():
+        if k not in record or record[k] is None:
+            record[k] = v
+    return StoredRecord(record, "; ".join(problems) or None)
 
 
 def _lease_key(chain_id: str) -> str:
@@ -169,7 +193,9 @@ class PostgresAuditSink(QueuedSink):
 
     def __init__(self, dsn: str, chain_id: str | None, *, host: str = "casf",
                  batch_max: int = 256, batch_wait_s: float = 0.0, timeout_s: float = 2.0,
-                 retry_s: float = 1.0) -> None:
+                 retry_s: float = 1.0, queue_max: int = DEFAULT_QUEUE_MAX,
+                 spool_dir: Path | None = None,
+                 on_full: Callable[[], None] | None = None) -> None:
         self.dsn = dsn
         self._explicit = chain_id
         self.host = host
@@ -178,8 +204,10 @@ class PostgresAuditSink(QueuedSink):
         self.batch_wait_s = batch_wait_s
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[AuditReceipt]]] = (
-            asyncio.Queue())
+        self._init_queue(queue_max, on_full)
+        # None: no spool (an append_later record of a failed batch is refused)
+        self.spool_dir = spool_dir
+        self._spool: Spool | None = None
         self._w: _Writer | None = None
         self._seq = 0
         self._prev = GENESIS
@@ -286,11 +314,97 @@ class PostgresAuditSink(QueuedSink):
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             conn.terminate()
             raise AuditStartError(f"PostgreSQL audit store: {exc}") from exc
+        if self.spool_dir is not None:
+            spool = Spool(spool_file(self.spool_dir, self.chain_id), self.queue_max)
+            try:
+                await asyncio.to_thread(spool.open)
+            except SpoolError as exc:
+                if exc.in_use:
+                    conn.terminate()
+                    raise AuditStartError(str(exc)) from exc
+                log.error("audit: %s; running without a spool (a record nobody waits for is "
+                          "lost when its commit fails)", exc)
+                spool.disable(str(exc))
+            self._spool = spool
         self._w = self._watch(conn)
         self._ok = True
         log.warning("audit on PostgreSQL: chain %r resumes after seq %d", self.chain_id,
                     self._seq)
+        if self._spool is not None and self._spool.pending:
+            try:
+                await self._replay(self._w)
+            except AuditUnavailable as exc:
+                log.warning("audit: %d spooled record(s) not written yet: %s",
+                            len(self._spool), exc)
         self._writer = spawn(self._write_loop(), name="casf-audit-pg-writer")
+
+    @property
+    def spooled(self) -> int:
+        """Records waiting in the local spool for the store to commit again."""
+        return len(self._spool) if self._spool is not None else 0
+
+    async def _prepare_replay(self, w: _Writer) -> tuple[list[tuple[Any, ...]], int, str]:
+        """The spooled records sealed onto the chain head, their marker written.
+
+        A replay whose outcome is unknown is settled first (the records after
+        its marker are read back). Returns the rows to write before anything
+        newer, and the head after them; raises :class:`AuditUnavailable` (the
+        connection dropped) when the store cannot be read.
+        """
+        sp = self._spool
+        if sp is None or not sp.pending:
+            return [], self._seq, self._prev
+        try:
+            if sp.marker is not None:
+                stored = await w.conn.fetch(
+                    f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE chain_id = $1 "  # noqa: S608
+                    "AND seq > $2 AND seq <= $3 ORDER BY seq", self.chain_id, sp.marker,
+                    sp.marker + sp.covered, timeout=self.timeout_s)
+                if await asyncio.to_thread(sp.resolve, [from_row(r) for r in stored]):
+                    log.warning("audit: the last spool replay of chain %r had committed",
+                                self.chain_id)
+            if not sp.entries:
+                await asyncio.to_thread(sp.committed)
+                return [], self._seq, self._prev
+            seq, prev = self._seq, self._prev
+            rows = []
+            for entry in sp.entries:
+                record = seal(dict(entry), self.chain_id, seq + 1, prev)
+                rows.append(to_row(record))
+                seq, prev = seq + 1, record["hash"]
+            await asyncio.to_thread(sp.begin, self._seq)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._ok = False
+            self._last_error = f"spool replay failed: {type(exc).__name__}: {exc}"
+            await self._drop()
+            raise AuditUnavailable(self._last_error) from exc
+        return rows, seq, prev
+
+    async def _replay(self, w: _Writer) -> None:
+        """Write the spooled records to the chain on their own (no newer record waits)."""
+        rows, seq, prev = await self._prepare_replay(w)
+        if not rows:
+            return
+        self._committing_since = time.monotonic()
+        try:
+            await w.conn.copy_records_to_table(TABLE, records=rows, columns=COLUMNS,
+                                               timeout=self.timeout_s * 0.8)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._ok = False
+            self._last_error = f"spool replay failed: {type(exc).__name__}: {exc}"
+            await self._drop()
+            raise AuditUnavailable(self._last_error) from exc
+        finally:
+            self._committing_since = None
+        self._seq, self._prev = seq, prev
+        self.batches += 1
+        await self._spool_written(len(rows))
+
+    async def _spool_written(self, n: int) -> None:
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.committed)
+        log.warning("audit: %d spooled record(s) written to chain %r (now at seq %d)",
+                    n, self.chain_id, self._seq)
 
     async def _reconnect(self) -> _Writer:
         """A connection holding the lease, with the chain head re-read (after any failure)."""
@@ -350,13 +464,17 @@ class PostgresAuditSink(QueuedSink):
     async def close(self) -> None:
         """Flush queued records (bounded), stop the writer, release the lease."""
         await self._stop_writer()
+        await self._failed(self._leftovers(), "the audit writer stopped")
         w, self._w = self._w, None
         if w is not None:
             await _close(w.conn, self.timeout_s)
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
 
     # ---------------------------------------------------------- the writer
 
-    async def _next(self) -> tuple[dict[str, Any], asyncio.Future[AuditReceipt]] | None:
+    async def _next(self) -> Pending | None:
         """The next queued record; while disconnected, wake up to retry the connection."""
         if self._w is not None and not self._w.lost:
             return await self._queue.get()
@@ -372,7 +490,8 @@ class PostgresAuditSink(QueuedSink):
             first = await self._next()
             if first is None:
                 with contextlib.suppress(AuditUnavailable):
-                    await self._reconnect()
+                    w = await self._reconnect()
+                    await self._replay(w)
                     self._ok = True
                 continue
             batch = [first]
@@ -383,35 +502,49 @@ class PostgresAuditSink(QueuedSink):
             try:
                 # a waiter that already gave up (timed out) is not written: its
                 # request was refused, so its record must not claim otherwise
-                live = [(r, f) for r, f in batch if not f.done()]
+                live = [e for e in batch if not e[1].done()]
                 if live:
                     await self._write(live)
             except Exception:  # never let the writer die: the next batch starts afresh
                 log.exception("audit: unexpected error in the writer")
                 self._ok = False
                 await self._drop()
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(AuditUnavailable("audit writer error"))
+                await self._failed(batch, "audit writer error")
             finally:
                 for _ in batch:
                     q.task_done()
 
-    async def _write(self, live: list[tuple[dict[str, Any],
-                                            asyncio.Future[AuditReceipt]]]) -> None:
+    async def _failed(self, batch: list[Pending], error: str) -> None:
+        """A batch not committed: waiters get AuditUnavailable, append_later records the spool."""
+        later = [(r, f) for r, f, is_later in batch if is_later and not f.done()]
+        taken = 0
+        if later and self._spool is not None:
+            try:
+                taken = await asyncio.to_thread(self._spool.add, [r for r, _ in later])
+            except Exception:
+                log.exception("audit: cannot write the spool %s", self._spool.path)
+        for i, (_, fut) in enumerate(later):
+            if not fut.done():
+                fut.set_exception(AuditSpooled(f"{error}; kept in the local spool") if i < taken
+                                  else AuditUnavailable(error))
+        for _, fut, _ in batch:
+            if not fut.done():
+                fut.set_exception(AuditUnavailable(error))
+
+    async def _write(self, live: list[Pending]) -> None:
         try:
             w = await self._reconnect()
+            # older records first, in the same COPY: the chain keeps their order
+            rows, seq, prev = await self._prepare_replay(w)
         except AuditUnavailable as exc:
             self._ok = False
-            for _, fut in live:
-                if not fut.done():
-                    fut.set_exception(AuditUnavailable(str(exc)))
+            await self._failed(live, str(exc))
             return
-        live = [(r, f) for r, f in live if not f.done()]  # waiters may give up meanwhile
-        seq, prev = self._seq, self._prev
-        rows: list[tuple[Any, ...]] = []
-        done: list[tuple[asyncio.Future[AuditReceipt], AuditReceipt]] = []
-        for record, fut in live:
+        spooled = len(rows)
+        live = [e for e in live if not e[1].done()]  # waiters may give up meanwhile
+        done: list[tuple[Pending, AuditReceipt]] = []
+        for entry in live:
+            record, fut, _ = entry
             try:
                 for f in FIELDS:
                     record.setdefault(f, None)
@@ -426,7 +559,7 @@ class PostgresAuditSink(QueuedSink):
             seq += 1
             prev = record["hash"]
             rows.append(row)
-            done.append((fut, AuditReceipt(self.chain_id, seq, prev)))
+            done.append((entry, AuditReceipt(self.chain_id, seq, prev)))
         if not rows:
             return
         self._committing_since = time.monotonic()
@@ -444,30 +577,34 @@ class PostgresAuditSink(QueuedSink):
             else:
                 log.warning("audit: batch of %d not committed: %s", len(rows), self._last_error)
             await self._drop()
-            for fut, _ in done:
-                if not fut.done():
-                    fut.set_exception(AuditUnavailable(self._last_error))
+            await self._failed([e for e, _ in done], self._last_error)
         else:
             self._ok = True
             self._seq, self._prev = seq, prev
             self.batches += 1
-            for fut, receipt in done:
+            for (_, fut, _), receipt in done:
                 if not fut.done():
                     fut.set_result(receipt)
         finally:
             self._committing_since = None
+        if spooled and self._ok:
+            await self._spool_written(spooled)
 
 
 # ------------------------------------------------------------------ reading
 
 
 class PostgresReader:
-    """Read-only access for ``audit verify`` / ``audit digest`` (one snapshot)."""
+    """Read-only access for ``audit verify`` / ``digest`` / ``export`` (one snapshot)."""
 
     def __init__(self, conn: Any, prefetch: int = 1000) -> None:
         self.conn = conn
         self.prefetch = prefetch
         self._tx: Any = None
+
+    async def _begin(self) -> None:
+        self._tx = self.conn.transaction(isolation="repeatable_read", readonly=True)
+        await self._tx.start()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -475,16 +612,21 @@ class PostgresReader:
         conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=60,
                                      server_settings={"application_name": "casf-proxy audit cli"})
         try:
-            tx = conn.transaction(isolation="repeatable_read", readonly=True)
-            await tx.start()
+            reader = cls(conn)
+            await reader._begin()
             try:
-                yield cls(conn)
+                yield reader
             finally:
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError,
                                          OSError):
-                    await tx.rollback()
+                    await reader._tx.rollback()
         finally:
             await _close(conn)
+
+    async def refresh(self) -> None:
+        """End the snapshot and start a new one (sees what was committed since)."""
+        await self._tx.rollback()
+        await self._begin()
 
     async def chains(self, chain: str | None, since: str | None, until: str | None
                      ) -> list[tuple[str, int, int]]:
@@ -516,14 +658,25 @@ class PostgresReader:
             f"WHERE {' AND '.join(where)} GROUP BY chain_id ORDER BY chain_id", *args)
         return [(r["chain_id"], int(r["lo"]), int(r["hi"])) for r in rows]
 
-    async def records(self, chain_id: str, lo: int, hi: int
-                      ) -> AsyncGenerator[dict[str, Any], None]:
-        sql = (f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608
-               "WHERE chain_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq")
-        async for row in self.conn.cursor(sql, chain_id, lo, hi, prefetch=self.prefetch):
+    async def strays(self) -> list[str]:
+        """Rows that belong to no chain: the schema (NOT NULL chain_id) allows none."""
+        return []
+
+    async def records(self, chain_id: str, lo: int | None = None, hi: int | None = None
+                      ) -> AsyncGenerator[StoredRecord, None]:
+        """The chain's records by seq; without bounds every row of the chain."""
+        if lo is None and hi is None:
+            sql = (f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608
+                   "WHERE chain_id = $1 ORDER BY seq")  # seq is NOT NULL: the index order
+            args: tuple[Any, ...] = (chain_id,)
+        else:
+            sql = (f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608
+                   "WHERE chain_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq")
+            args = (chain_id, 1 if lo is None else lo, 2**63 - 1 if hi is None else hi)
+        async for row in self.conn.cursor(sql, *args, prefetch=self.prefetch):
             yield from_row(row)
 
-    async def record_at(self, chain_id: str, seq: int) -> dict[str, Any] | None:
+    async def record_at(self, chain_id: str, seq: int) -> StoredRecord | None:
         row = await self.conn.fetchrow(
             f"SELECT {', '.join(COLUMNS)} FROM {TABLE} "  # noqa: S608
             "WHERE chain_id = $1 AND seq = $2", chain_id, seq)

@@ -200,7 +200,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         changed.append("listen.decisions")
     if old.redis != new.redis:
         changed.append("redis")
-    for name in ("sqlite_path", "chain_id", "batch_max", "batch_wait_s", "timeout_s"):
+    for name in ("sqlite_path", "chain_id", "batch_max", "batch_wait_s", "timeout_s",
+                 "queue_max", "spool_dir"):
         if getattr(old.audit, name) != getattr(new.audit, name):
             changed.append(f"audit.{name.removesuffix('_s')}")
     if old.mode_default != new.mode_default:
@@ -337,13 +338,17 @@ class Runtime:
                 env.pg_dsn, cfg.audit.chain_id if cfg.audit.chain_id_set else None,
                 host=env.get("HOSTNAME") or socket.gethostname() or "casf",
                 batch_max=cfg.audit.batch_max, batch_wait_s=cfg.audit.batch_wait_s,
-                timeout_s=cfg.audit.timeout_s)
+                timeout_s=cfg.audit.timeout_s, queue_max=cfg.audit.queue_max,
+                spool_dir=cfg.audit.spool_dir, on_full=metrics.audit_queue_full.inc)
             audit_kind, audit_where = "postgresql", "PostgreSQL (PG_DSN)"
         else:
             audit = SqliteAuditSink(cfg.audit.sqlite_path, cfg.audit.chain_id,
                                     batch_max=cfg.audit.batch_max,
                                     batch_wait_s=cfg.audit.batch_wait_s,
-                                    timeout_s=cfg.audit.timeout_s)
+                                    timeout_s=cfg.audit.timeout_s,
+                                    queue_max=cfg.audit.queue_max,
+                                    spool_dir=cfg.audit.spool_dir,
+                                    on_full=metrics.audit_queue_full.inc)
             audit_kind, audit_where = "sqlite", f"SQLite at {cfg.audit.sqlite_path}"
         await audit.start()
         conn: RedisConnection | None = None

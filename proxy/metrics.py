@@ -57,6 +57,12 @@ class Metrics:
                                     ["kind"], registry=r)
         self.audit_errors = Counter("casf_audit_errors_total", "Audit appends that failed",
                                     registry=r)
+        self.audit_queue_full = Counter("casf_audit_queue_full_total",
+                                        "Audit records refused because the writer queue was "
+                                        "full (audit.queue_max)", registry=r)
+        self.audit_spooled = Counter("casf_audit_spooled_total",
+                                     "Queued audit records whose batch failed, kept in the "
+                                     "local spool until the store commits again", registry=r)
         for trigger in ("redis", "opa", "audit"):
             self.fail_closed.labels(trigger)  # present (at 0) before the first event
         # identity (docs/identity.md) and the external OPA adapter (proxy/policy_opa.py)

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from proxy.audit.records import EventIds, base_record
+from proxy.audit.spool import AuditSpooled
 from proxy.metrics import Metrics
 from proxy.model import Exchange, Verdict
 from proxy.ports import AuditSink, AuditUnavailable
@@ -75,7 +76,10 @@ class AuditTrail:
         The record the request waited for may still be committed after the
         wait gave up (it was already in a batch): the refusal is queued behind
         it, so the chain never shows an ALLOW for a request that was not
-        forwarded without the DENY that ended it.
+        forwarded without the DENY that ended it. Nobody waits for the
+        refusal: if its batch fails too, it is kept in the local spool
+        (``audit.spool_dir``) and written to the chain, in order, once the
+        store commits again; it is lost only when the spool is full or unusable.
         """
         self.metrics.fail_closed.labels("audit").inc()
         v = AUDIT_UNAVAILABLE
@@ -100,10 +104,17 @@ class AuditTrail:
 
     def _done(self, fut: asyncio.Future[Any], kind: str, trace_id: str) -> None:
         self._pending.discard(fut)
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled():
             self._failed(kind, trace_id)
-        else:
+            return
+        exc = fut.exception()
+        if exc is None:
             self.metrics.audit_events.labels(kind).inc()
+        elif isinstance(exc, AuditSpooled):  # kept: written once the store is back
+            self.metrics.audit_spooled.inc()
+            errlog.warning("%s record kept in the local audit spool (trace %s)", kind, trace_id)
+        else:
+            self._failed(kind, trace_id)
 
     def _failed(self, kind: str, trace_id: str) -> None:
         self.metrics.audit_errors.inc()

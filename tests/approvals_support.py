@@ -23,11 +23,12 @@ from proxy.approvals.model import Details
 from proxy.approvals.service import Approvals
 from proxy.approvals.store import ApprovalStore, FindResult
 from proxy.audit.records import EventIds
-from proxy.audit.sqlite import SqliteAuditSink, connect, iter_records
+from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import ApiKeysConfig, IdentityConfig, TrustedHeadersConfig, load_keys
 from proxy.identity import Identity, open_identity
 from proxy.metrics import Metrics
 from proxy.settings import Environment
+from tests.audit_rows import all_records
 
 # the clinic's principals (the key for role R is demo-R), plus the second custodian
 # and the tenant-2 custodian that show four eyes and tenant isolation
@@ -99,11 +100,7 @@ class Env:
                                             details(caller, request_id, **kw))
 
     def records(self) -> list[dict[str, Any]]:
-        conn = connect(self.audit_path, create=False)
-        try:
-            return list(iter_records(conn))
-        finally:
-            conn.close()
+        return all_records(self.audit_path)
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.audit.sqlite import connect, iter_records
+from tests.audit_rows import all_records
 from tests.conftest import ADMIN_TOKEN, KEYS, Proxy
 from tests.servers import RedisServer
 from tests.test_audit import run_cli
@@ -39,11 +39,7 @@ async def approver(p: Proxy, method: str, path: str, key: str | None = "custodia
 
 
 def records(p: Proxy) -> list[dict[str, Any]]:
-    conn = connect(p.cfg.audit.sqlite_path, create=False)
-    try:
-        return list(iter_records(conn))
-    finally:
-        conn.close()
+    return all_records(p.cfg.audit.sqlite_path)
 
 
 async def needs_approval(p: Proxy, rid: str, key: str = "receptionist",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from proxy.audit.sqlite import connect, iter_records
+from tests.audit_rows import all_records
 from tests.conftest import KEYS, Proxy, Upstream, clinic_env, start_proxy, write_config
 from tests.servers import RedisServer
 
@@ -76,11 +76,7 @@ class Doors:
 
 
 def records(p: Proxy) -> list[dict[str, Any]]:
-    conn = connect(p.cfg.audit.sqlite_path, create=False)
-    try:
-        return list(iter_records(conn))
-    finally:
-        conn.close()
+    return all_records(p.cfg.audit.sqlite_path)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.audit.sqlite import connect, iter_records
+from tests.audit_rows import all_records
 from tests.conftest import ADMIN_TOKEN, Proxy, Upstream, clinic_env, start_proxy, write_config
 from tests.rawhttp import one, request
 
@@ -114,11 +114,7 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = 
 
 
 def records(p: Proxy) -> list[dict[str, Any]]:
-    conn = connect(p.cfg.audit.sqlite_path, create=False)
-    try:
-        return list(iter_records(conn))
-    finally:
-        conn.close()
+    return all_records(p.cfg.audit.sqlite_path)
 
 
 def port(p: Proxy) -> int:

@@ -485,6 +485,11 @@ class Runtime:
         doors = DecisionDoors(lambda request: request[_GEN].pipeline.core, self.metrics)
         return doors.app([self._admin_errors, self._pin_generation])
 
+    def close_websockets(self) -> None:
+        """Close every generation's open WebSocket sessions with 1001 (going away)."""
+        for gen in [*self._retired, *([self._gen] if self._gen is not None else [])]:
+            gen.pipeline.websocket.shutdown()
+
     async def _release(self, gen: _Generation) -> None:
         with contextlib.suppress(ValueError):
             self._retired.remove(gen)
@@ -778,12 +783,15 @@ class Serving:
     def traffic(self) -> web.BaseRunner:
         return self.runners[0]
 
-    async def stop_traffic(self, timeout_s: float) -> None:
+    async def stop_traffic(self, timeout_s: float,
+                           stopped: Callable[[], None] = lambda: None) -> None:
         """Stop accepting connections, close idle ones, and give the requests in flight
-        up to ``timeout_s`` to finish (then they are cancelled)."""
+        up to ``timeout_s`` to finish (then they are cancelled). ``stopped`` runs once
+        nothing new is accepted (the runtime closes its WebSocket sessions)."""
         runner = self.traffic
         for site in list(runner.sites):
             await site.stop()
+        stopped()
         server = runner.server
         if server is not None:
             await asyncio.sleep(0)  # let requests already read reach their handler
@@ -867,7 +875,7 @@ async def graceful_stop(rt: Runtime, serving: Serving, hurry: asyncio.Event | No
     log.warning("shutting down: no longer accepting; %d request(s) in flight", rt.in_flight,
                 extra={"fields": {"event": "shutdown", "phase": "drain",
                                   "in_flight": rt.in_flight}})
-    await serving.stop_traffic(sd.drain_timeout_s)
+    await serving.stop_traffic(sd.drain_timeout_s, rt.close_websockets)
     if rt.cut_off:
         log.error("shutting down: %d request(s) still running at the %d ms drain timeout "
                   "were cut off", rt.cut_off, sd.drain_timeout_s * 1000,

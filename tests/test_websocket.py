@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.audit.sqlite import connect, iter_records
+from proxy.config import ConfigError, load_config
 from proxy.tasks import spawn
 from tests.conftest import KEYS, Proxy, Upstream, clinic_env, start_proxy, write_config
 from tests.waiting import wait_event, wait_until
@@ -38,6 +39,7 @@ class WsUpstream:
 
     url: str = ""
     handshakes: list[CIMultiDict[str]] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
     plain: list[str] = field(default_factory=list)
     received: list[tuple[str, Any]] = field(default_factory=list)
     closed_with: list[int | None] = field(default_factory=list)
@@ -46,6 +48,7 @@ class WsUpstream:
     def app(self) -> web.Application:
         async def ws(request: web.Request) -> web.StreamResponse:
             self.handshakes.append(CIMultiDict(request.headers))
+            self.targets.append(request.raw_path)
             resp = web.WebSocketResponse(protocols=("chat.v2",),
                                          max_msg_size=10 * LIMIT)
             await resp.prepare(request)
@@ -162,6 +165,7 @@ async def test_messages_both_ways_and_the_close_is_the_outcome(tmp_path: Path) -
         assert up.closed_with == [1000]
         assert up.received == [("text", "héllo"), ("binary", b"\x00\x01\x02"),
                                ("text", "protocol")]
+        assert up.targets == ["/ws/appointments?patient_id=p1"]  # the target as decided
         (seen,) = up.handshakes
         # the forward's header rewriting: the credential is consumed, the proxy's
         # X-Forwarded-* and trace context added, the Origin passed on
@@ -439,3 +443,35 @@ async def test_a_write_session_cannot_be_opened_twice_under_one_request_id(tmp_p
             await ws.send_str("two")
             assert (await ws.receive()).data == "echo:two"
         assert len(up.handshakes) == 2
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"method": "POST"}, "routes[{i}].method: a websocket route is opened with GET, not POST"),
+    ({"attributes": {"args.x": {"from": "body", "pointer": "/x"}}},
+     "routes[{i}].attributes: a WebSocket upgrade has no body"),
+    ({"websocket": "sometimes"}, "routes[{i}].websocket: expected true or false"),
+])
+def test_websocket_route_config_is_checked(tmp_path: Path, change: dict[str, Any],
+                                           problem: str) -> None:
+    index: list[int] = []
+
+    def patch(d: dict[str, Any]) -> None:
+        d["routes"][-1].update(change)
+        index.append(len(d["routes"]) - 1)
+
+    path = write_config(tmp_path, ws_patch(patch))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, clinic_env("http://127.0.0.1:1", tmp_path))
+    assert problem.format(i=index[0]) in str(info.value), str(info.value)
+
+
+def test_websocket_limits_are_read(tmp_path: Path) -> None:
+    def limits(d: dict[str, Any]) -> None:
+        d["limits"].update(websocket_idle_timeout_ms=1500, websocket_max_duration_ms=60_000)
+
+    cfg = load_config(write_config(tmp_path, ws_patch(limits)),
+                      clinic_env("http://127.0.0.1:1", tmp_path))
+    lim = cfg.limits
+    assert (lim.websocket_max_message_bytes, lim.websocket_idle_timeout_s,
+            lim.websocket_max_duration_s) == (LIMIT, 1.5, 60.0)
+    assert cfg.routes[-1].websocket and not any(r.websocket for r in cfg.routes[:-1])

@@ -123,7 +123,7 @@ class InlineProxy:
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
         self.websocket = WebSocketRelay(cfg, core.trail, metrics, upstream, consumed_headers,
-                                        stripped_headers)
+                                        stripped_headers, self._envelope)
 
     # what tests and the runtime read of a generation
     @property

@@ -39,6 +39,7 @@ import binascii
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,6 @@ from yarl import URL
 
 from proxy.claims import ClaimHandle
 from proxy.config import Config, RouteConfig
-from proxy.envelope import envelope_response
 from proxy.forward import UpstreamClient, upstream_request_headers
 from proxy.metrics import Metrics
 from proxy.model import Exchange, Verdict
@@ -157,6 +157,7 @@ class _Session:
     client: _Direction = field(default_factory=_Direction)  # client → upstream
     upstream: _Direction = field(default_factory=_Direction)  # upstream → client
     last: float = field(default_factory=time.monotonic)
+    trace_id: str = ""
 
 
 class WebSocketRelay:
@@ -164,8 +165,10 @@ class WebSocketRelay:
 
     def __init__(self, cfg: Config, trail: AuditTrail, metrics: Metrics,
                  upstream: UpstreamClient, consumed: tuple[str, ...],
-                 stripped: tuple[str, ...]) -> None:
+                 stripped: tuple[str, ...], envelope: Callable[[Exchange, Verdict], Answer]
+                 ) -> None:
         self.cfg = cfg
+        self.envelope = envelope  # the door's envelope for a verdict (before any upgrade)
         self.trail = trail
         self.metrics = metrics
         self.session = upstream.session
@@ -252,7 +255,7 @@ class WebSocketRelay:
             protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=True,
             autoping=True, compress=False, max_msg_size=limit, timeout=CLOSE_TIMEOUT_S)
         down.headers["X-Casf-Trace-Id"] = ex.trace_id
-        session = _Session()
+        session = _Session(trace_id=ex.trace_id)
         opened = time.monotonic()
         try:
             await down.prepare(request)
@@ -296,7 +299,11 @@ class WebSocketRelay:
                                              return_when=asyncio.FIRST_COMPLETED)
                 ended = done & pumps
                 if ended:
-                    end: _End = ended.pop().result()
+                    try:
+                        end: _End = ended.pop().result()
+                    except Exception:  # never an HTTP answer after the 101: close it
+                        errlog.exception("WebSocket relay failed (trace %s)", session.trace_id)
+                        return _End("proxy", WSCloseCode.INTERNAL_ERROR, "internal_error")
                     return end
         finally:
             stopping.cancel()
@@ -341,10 +348,7 @@ class WebSocketRelay:
         latency = round((time.perf_counter() - started) * 1000, 3)
         self.trail.record_later(ex, self._outcome(ex, verdict.status, verdict.reasons, {
             "latency_ms": latency, "websocket": True, **fields}))
-        extra = (("Retry-After", "1"),) if verdict.status == 503 and not verdict.headers else ()
-        return (envelope_response(verdict, ex.tool, ex.request_id, ex.trace_id,
-                                  self.trail.policy_hash, extra),
-                verdict.decision, verdict.status, verdict.reasons)
+        return self.envelope(ex, verdict)
 
 
 def _passed_on(end: _End, to: str) -> tuple[int, bytes]:

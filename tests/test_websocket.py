@@ -475,3 +475,49 @@ def test_websocket_limits_are_read(tmp_path: Path) -> None:
     assert (lim.websocket_max_message_bytes, lim.websocket_idle_timeout_s,
             lim.websocket_max_duration_s) == (LIMIT, 1.5, 60.0)
     assert cfg.routes[-1].websocket and not any(r.websocket for r in cfg.routes[:-1])
+
+
+async def test_a_session_holds_a_pool_slot(tmp_path: Path) -> None:
+    def one_slot(d: dict[str, Any]) -> None:
+        d["upstream"].update(pool_size=1, pool_timeout_ms=100)
+
+    async with run_ws_upstream() as up, ws_proxy(tmp_path, up.url, one_slot) as p:
+        async with p.session.ws_connect(p.url + "/ws/appointments",
+                                        headers=key("nurse")) as ws:
+            await ws.send_str("one")
+            assert (await ws.receive()).data == "echo:one"
+            status, env = await handshake(p, "/ws/appointments", key("nurse"))
+            assert (status, env["reason_codes"]) == (503, ["Upstream_Busy"])
+        await wait_event(up.session_ended, "the upstream session to end")
+
+        async def slot_free() -> bool:  # the slot is given back when the session ends
+            async with p.session.get(p.url + "/appointments", headers=key("nurse")) as r:
+                return r.status == 200
+
+        freed: bool = await wait_until(slot_free, "the pool slot back after the session")
+        assert freed and len(up.handshakes) == 1
+
+
+async def test_an_upstream_that_never_answers_the_upgrade_is_a_504(tmp_path: Path) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads the handshake, never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def fast(d: dict[str, Any]) -> None:
+        d["upstream"]["timeout_ms"] = 300
+
+    try:
+        async with ws_proxy(tmp_path, f"http://127.0.0.1:{port}", fast) as p:
+            status, env = await handshake(p, "/ws/appointments", key("nurse"))
+            assert (status, env["reason_codes"]) == (504, ["Upstream_Timeout"])
+            await p.rt.pipeline.flush()
+            assert {r["status"] for r in records(p) if r["kind"] == "outcome"} == {504}
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

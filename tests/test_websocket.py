@@ -22,6 +22,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
+from proxy.app import graceful_stop
 from proxy.audit.sqlite import connect, iter_records
 from proxy.config import ConfigError, load_config
 from proxy.tasks import spawn
@@ -402,14 +403,18 @@ async def test_a_session_ends_at_its_maximum_duration(tmp_path: Path) -> None:
 
 
 async def test_shutdown_closes_open_sessions_and_records_them(tmp_path: Path) -> None:
-    async with run_ws_upstream() as up, ws_proxy(tmp_path, up.url) as p:
+    def quick(d: dict[str, Any]) -> None:
+        d["shutdown"] = {"delay_ms": 0, "drain_timeout_ms": 10_000}
+
+    async with run_ws_upstream() as up, ws_proxy(tmp_path, up.url, quick) as p:
         async with p.session.ws_connect(p.url + "/ws/appointments",
                                         headers=key("nurse")) as ws:
             await ws.send_str("one")
             assert (await ws.receive()).data == "echo:one"
-            # as at SIGTERM: the listener stops accepting, the sessions are closed
-            # (the drain would otherwise wait for them to its end, then cut them off)
-            stopping = spawn(p.serving.stop_traffic(10, p.rt.close_websockets))
+            # SIGTERM's sequence: once the listener stops accepting, the sessions are
+            # closed (the drain would otherwise wait for them to its end, 10 s here,
+            # then cut them off without a close frame)
+            stopping = spawn(graceful_stop(p.rt, p.serving))
             msg = await ws.receive(timeout=10)
             assert msg.type is WSMsgType.CLOSE and msg.data == 1001
             await stopping

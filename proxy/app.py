@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from proxy.approvals import core as approval_states
 from proxy.approvals.api import add_approval_routes, api_key_header, identity_authenticator
@@ -268,6 +269,32 @@ def file_stats(paths: list[Path]) -> dict[str, Stat]:
         except OSError:
             out[str(path)] = ("", -1, -1, -1)
     return out
+
+
+# ------------------------------------------------------------ readiness
+
+_UPSTREAM_CHECK_MAX_S = 1.0  # readiness probes time out in seconds: never wait longer
+
+
+async def upstream_accepts(url: str, timeout_s: float) -> bool:
+    """Whether the upstream's host:port accepts a TCP connection within ``timeout_s``.
+
+    A plain connect, closed at once (no request, no TLS handshake): a sidecar
+    whose app is not listening yet would answer every request with 502.
+    """
+    target = URL(url)
+    if target.host is None or target.port is None:
+        return False
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(target.host, target.port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 # ------------------------------------------------------------ runtime
@@ -517,6 +544,11 @@ class Runtime:
         doors = DecisionDoors(lambda request: request[_GEN].pipeline.core, self.metrics)
         return doors.app([self._admin_errors, self._pin_generation])
 
+    def close_websockets(self) -> None:
+        """Close every generation's open WebSocket sessions with 1001 (going away)."""
+        for gen in [*self._retired, *([self._gen] if self._gen is not None else [])]:
+            gen.pipeline.websocket.shutdown()
+
     async def _release(self, gen: _Generation) -> None:
         with contextlib.suppress(ValueError):
             self._retired.remove(gen)
@@ -571,29 +603,35 @@ class Runtime:
             return True
 
     async def _watch(self) -> None:
-        """Poll the watched files; a change (content, inode or symlink target) reloads."""
+        """Poll the watched files; a change (content, inode or symlink target) reloads.
+
+        Every completed cycle counts in ``casf_config_watch_cycles_total``, also with
+        ``reload.watch: false`` or while draining (then the cycle checks nothing).
+        """
         while True:
             await asyncio.sleep(self.cfg.reload.interval_s)
-            if not self.cfg.reload.watch or self.draining:
-                continue
-            try:
-                before = self._stats
-                now = await asyncio.to_thread(file_stats, watched_files(self.cfg))
-                if now == before:
-                    continue
-                changed = sorted(p for p in now if now[p] != before.get(p))
-                await self.reload("file change: " + ", ".join(changed[:3])
-                                  + (" ..." if len(changed) > 3 else ""))
-                # the stats taken before the load: a write during it is seen next time;
-                # files the new config added are stat'ed now
-                paths = watched_files(self.cfg)
-                fresh = await asyncio.to_thread(file_stats, [p for p in paths
-                                                             if str(p) not in now])
-                self._stats = {str(p): now.get(str(p)) or fresh[str(p)] for p in paths}
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("config file watch failed")
+            if self.cfg.reload.watch and not self.draining:
+                try:
+                    await self._check_files()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("config file watch failed")
+            self.metrics.config_watch_cycles.inc()
+
+    async def _check_files(self) -> None:
+        before = self._stats
+        now = await asyncio.to_thread(file_stats, watched_files(self.cfg))
+        if now == before:
+            return
+        changed = sorted(p for p in now if now[p] != before.get(p))
+        await self.reload("file change: " + ", ".join(changed[:3])
+                          + (" ..." if len(changed) > 3 else ""))
+        # the stats taken before the load: a write during it is seen next time;
+        # files the new config added are stat'ed now
+        paths = watched_files(self.cfg)
+        fresh = await asyncio.to_thread(file_stats, [p for p in paths if str(p) not in now])
+        self._stats = {str(p): now.get(str(p)) or fresh[str(p)] for p in paths}
 
     # ------------------------------------------------------------ admin
 
@@ -663,6 +701,9 @@ class Runtime:
                   "audit": "ok" if await self.audit.healthy() else "unavailable"}
         if self.redis is not None:
             checks["redis"] = "ok" if await self.redis.ping() else "unavailable"
+        u = self.cfg.upstream
+        checks["upstream"] = "ok" if await upstream_accepts(
+            u.url, min(u.connect_timeout_s, _UPSTREAM_CHECK_MAX_S)) else "unavailable"
         ok = all(v == "ok" for v in checks.values())
         return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks,
                                   "backends": self.backends,
@@ -816,12 +857,15 @@ class Serving:
     def traffic(self) -> web.BaseRunner:
         return self.runners[0]
 
-    async def stop_traffic(self, timeout_s: float) -> None:
+    async def stop_traffic(self, timeout_s: float,
+                           stopped: Callable[[], None] = lambda: None) -> None:
         """Stop accepting connections, close idle ones, and give the requests in flight
-        up to ``timeout_s`` to finish (then they are cancelled)."""
+        up to ``timeout_s`` to finish (then they are cancelled). ``stopped`` runs once
+        nothing new is accepted (the runtime closes its WebSocket sessions)."""
         runner = self.traffic
         for site in list(runner.sites):
             await site.stop()
+        stopped()
         server = runner.server
         if server is not None:
             await asyncio.sleep(0)  # let requests already read reach their handler
@@ -905,7 +949,7 @@ async def graceful_stop(rt: Runtime, serving: Serving, hurry: asyncio.Event | No
     log.warning("shutting down: no longer accepting; %d request(s) in flight", rt.in_flight,
                 extra={"fields": {"event": "shutdown", "phase": "drain",
                                   "in_flight": rt.in_flight}})
-    await serving.stop_traffic(sd.drain_timeout_s)
+    await serving.stop_traffic(sd.drain_timeout_s, rt.close_websockets)
     if rt.cut_off:
         log.error("shutting down: %d request(s) still running at the %d ms drain timeout "
                   "were cut off", rt.cut_off, sd.drain_timeout_s * 1000,

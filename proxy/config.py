@@ -77,6 +77,11 @@ class LimitsConfig:
     max_body_bytes: int = 1_048_576
     body_read_timeout_s: float = 10.0
     header_timeout_s: float = 10.0  # first byte of a request to its last header line
+    # WebSocket routes (proxy/doors/websocket.py): the largest message either side
+    # may send, the longest time without a message, and a session's whole length
+    websocket_max_message_bytes: int = 1_048_576
+    websocket_idle_timeout_s: float = 300.0
+    websocket_max_duration_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +312,7 @@ class RouteConfig:
     fail_mode: FailMode
     allow_in_kill_switch: bool
     resource_tenant: str | None
+    websocket: bool = False  # an Upgrade to WebSocket is the only request it accepts
 
     @property
     def reads_body(self) -> bool:
@@ -480,7 +486,7 @@ _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
              "shutdown", "reload", "decisions", "approvals", "telemetry"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
-               "fail_mode", "allow_in_kill_switch", "resource_tenant"}
+               "fail_mode", "allow_in_kill_switch", "resource_tenant", "websocket"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _TARGET = re.compile(r"^(subject|args|context)\.[A-Za-z_][A-Za-z0-9_]*$")
 _PRINCIPAL_FIELDS = {"id", "role", "tenant"}
@@ -546,11 +552,19 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
     )
 
     lim = r.mapping(top.get("limits"), "limits")
-    r.known(lim, "limits", {"max_body_bytes", "body_read_timeout_ms", "header_timeout_ms"})
+    r.known(lim, "limits", {"max_body_bytes", "body_read_timeout_ms", "header_timeout_ms",
+                            "websocket_max_message_bytes", "websocket_idle_timeout_ms",
+                            "websocket_max_duration_ms"})
     limits = LimitsConfig(
         max_body_bytes=r.integer(lim, "max_body_bytes", "limits", 1_048_576, 0),
         body_read_timeout_s=r.number(lim, "body_read_timeout_ms", "limits", 10_000, 1) / 1000,
         header_timeout_s=r.number(lim, "header_timeout_ms", "limits", 10_000, 1) / 1000,
+        websocket_max_message_bytes=r.integer(lim, "websocket_max_message_bytes", "limits",
+                                              1_048_576, 1),
+        websocket_idle_timeout_s=r.number(lim, "websocket_idle_timeout_ms", "limits",
+                                          300_000, 1) / 1000,
+        websocket_max_duration_s=r.number(lim, "websocket_max_duration_ms", "limits",
+                                          3_600_000, 1) / 1000,
     )
 
     identity = _identity(r, r.mapping(top.get("identity"), "identity"), base, env)
@@ -931,6 +945,13 @@ def _route(r: _Reader, i: int, raw: Any, enforce_default: bool,
     fail_mode = r.string(m, "fail_mode", p, "closed" if effect == "write" else "open")
     if fail_mode not in ("open", "closed"):
         r.fail(f"{p}.fail_mode", f"{fail_mode!r}", "open or closed")
+    websocket = r.boolean(m, "websocket", p, False)
+    if websocket and method != "GET":
+        r.fail(f"{p}.method", f"a websocket route is opened with GET, not {method}",
+               "method: GET")
+    if websocket and any(a.source == "body" for a in attrs):
+        r.fail(f"{p}.attributes", "a WebSocket upgrade has no body to read attributes from",
+               "take them from the path, query, headers or principal")
     return RouteConfig(
         index=i, method=method, path=path, tool=r.string(m, "tool", p),
         effect=effect,  # type: ignore[arg-type]
@@ -938,7 +959,7 @@ def _route(r: _Reader, i: int, raw: Any, enforce_default: bool,
         enforce=r.boolean(m, "enforce", p, enforce_default),
         fail_mode=fail_mode,  # type: ignore[arg-type]
         allow_in_kill_switch=r.boolean(m, "allow_in_kill_switch", p, False),
-        resource_tenant=resource_tenant,
+        resource_tenant=resource_tenant, websocket=websocket,
     )
 
 

@@ -84,6 +84,12 @@ class Metrics:
                                      ["result"], registry=r)
         for result in ("success", "error", "unchanged"):
             self.config_reload.labels(result)
+        # completed file-watch poll cycles (each interval_ms, also with watch: false,
+        # when a cycle checks nothing): a test or an operator can tell "the watcher
+        # looked and saw no change" from "the watcher has not looked yet"
+        self.config_watch_cycles = Counter("casf_config_watch_cycles_total",
+                                           "Completed config file-watch poll cycles",
+                                           registry=r)
         self.config_info = Gauge("casf_config_info", "1 for the active config hash",
                                  ["hash"], registry=r, multiprocess_mode="livemax")
         self._config_hash: str | None = None

@@ -87,6 +87,9 @@ class Reason(StrEnum):
     INVALID_COMMENT = "BadRequest_InvalidComment"
     INVALID_FILTER = "BadRequest_InvalidFilter"
     CONSOLE_CSRF = "Console_CsrfInvalid"
+    # WebSocket routes (proxy/doors/websocket.py)
+    UPGRADE_NOT_ALLOWED = "BadRequest_UpgradeNotAllowed"
+    UPGRADE_REQUIRED = "BadRequest_UpgradeRequired"
 
 
 def missing_attribute(name: str) -> str:

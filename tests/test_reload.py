@@ -332,10 +332,22 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
 
                 assert await status("receptionist") == 200
                 before = (await healthz())["config_hash"]
+                cycles = metric(await get_metrics(s, proc.admin),
+                                "casf_config_watch_cycles_total")
                 rego = policies / "casf.rego"
                 write(rego, rego.read_text().replace(RECEPTIONIST_READS, NO_RECEPTIONIST))
-                # watch: false: nothing happens by itself (the log check at the end:
-                # every reload of this process was a SIGHUP, none a file change)
+
+                # watch: false: nothing happens by itself, however long the watcher
+                # runs. Two completed cycles after the write: at least one whole poll
+                # began after it (the log check at the end: every reload of this
+                # process was a SIGHUP, none a file change)
+                async def polled_twice() -> bool:
+                    return metric(await get_metrics(s, proc.admin),
+                                  "casf_config_watch_cycles_total") >= cycles + 2
+
+                polled: bool = await wait_until(polled_twice,
+                                                "two file-watch cycles after the write")
+                assert polled
                 assert (await healthz())["config_hash"] == before
                 assert await status("receptionist") == 200
                 proc.proc.send_signal(signal.SIGHUP)

@@ -27,6 +27,7 @@ from yarl import URL
 from proxy.claims import ClaimHandle
 from proxy.config import Config
 from proxy.core import INTERNAL, NOT_MAPPED, Decision, DecisionCore
+from proxy.doors.websocket import WebSocketRelay, upgrade_verdict
 from proxy.envelope import envelope_response
 from proxy.forward import (
     UpstreamClient,
@@ -121,6 +122,8 @@ class InlineProxy:
         self.consumed = consumed_headers
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
+        self.websocket = WebSocketRelay(cfg, core.trail, metrics, upstream, consumed_headers,
+                                        stripped_headers, self._envelope)
 
     # what tests and the runtime read of a generation
     @property
@@ -180,11 +183,15 @@ class InlineProxy:
         if verdict is not None:
             return await self._deny(ex, verdict)
         # 2. route
-        if core.route(ex) is None:
-            if core.passthrough(ex):
-                allowed = await core.allow(ex, ())
-                return await self._answer(request, ex, allowed, claim)
+        route = core.route(ex)
+        if route is None and not core.passthrough(ex):
             return await self._deny(ex, NOT_MAPPED)
+        # an Upgrade only on a websocket route, and there nothing else (never stripped)
+        refused = upgrade_verdict(route, ex.method, request.version, request.headers)
+        if refused is not None:
+            return await self._deny(ex, refused)
+        if route is None:  # passthrough
+            return await self._answer(request, ex, await core.allow(ex, ()), claim)
         # 3-9. authenticate, attributes, anti-replay, invariants, rate limits, policy, audit
         return await self._answer(request, ex, await core.decide(ex), claim)
 
@@ -200,6 +207,10 @@ class InlineProxy:
                 await decision.claim.release()
             return self._envelope(ex, decision.verdict)
         # 10. forward: only here, after the ALLOW record was committed
+        if ex.route is not None and ex.route.websocket:  # the upgrade was checked: relay
+            response, outcome, status, sent = await self.websocket.relay(request, ex,
+                                                                         decision.claim)
+            return response, outcome, status, (*decision.reasons, *sent)
         response, outcome, status, sent = await self._forward(request, ex, decision.claim)
         return response, outcome, status, (*decision.reasons, *sent)
 

@@ -447,16 +447,25 @@ class Runtime:
     async def _build(self, cfg: Config, prev: _Generation | None) -> _Generation:
         """A complete generation for ``cfg``; reuses ``prev``'s parts that did not change."""
         stack = contextlib.AsyncExitStack()
-        engine_value = await stack.enter_async_context(open_policy_engine(cfg.policy,
-                                                                          self.metrics))
-        engine = _Shared(engine_value, stack.aclose)
+        if prev is not None and prev.cfg.policy == cfg.policy:
+            # the same policy (same bytes, query and engine settings): a key rotation
+            # or a route change does not recompile it
+            engine = prev.engine
+            engine_value = engine.value
+        else:
+            engine_value = await stack.enter_async_context(open_policy_engine(cfg.policy,
+                                                                              self.metrics))
+            engine = _Shared(engine_value, stack.aclose)
         identity: _Shared[Identity] | None = None
         try:
             if prev is not None and _same_identity(prev.cfg, cfg):
                 identity = prev.identity
                 await identity.value.reload()  # key files and JWKS read now, not in ~1 s
             else:
-                new_identity = Identity.build(cfg.identity, self.env, self.metrics)
+                # with reload.watch the runtime's file watcher is the only one polling
+                # the key files: a change reloads the config, and the identity with it
+                new_identity = Identity.build(cfg.identity, self.env, self.metrics,
+                                              watch_files=not cfg.reload.watch)
                 await new_identity.start()
                 identity = _Shared(new_identity, new_identity.close)
             if prev is not None and _session_params(prev.cfg) == _session_params(cfg):

@@ -489,8 +489,9 @@ async def test_api_key_revoked_by_file_reload(make_proxy: Any, tmp_path: Path) -
         await wait_until(revoked, "the revoked key to be refused")  # no restart
         assert (await p.call("GET", "/appointments", key="s3cret-new-key"))[0] == 200
         assert (await p.call("GET", "/appointments", key="s3cret-rec-key"))[0] == 200
-        # a broken file keeps the last good key set (once the watcher has read it)
-        failed = 'casf_identity_reload_total{result="error",source="api_keys"}'
+        # a broken file keeps the last good key set (once the watcher has read it):
+        # the runtime's one file watcher reloads the config, which refuses the file
+        failed = 'casf_config_reload_total{result="error"}'
 
         async def failures() -> float:
             m = re.search(re.escape(failed) + r" (\S+)$", await p.metrics(), re.M)

@@ -27,11 +27,14 @@ class Identity:
         self.authenticators = tuple(authenticators)
 
     @classmethod
-    def build(cls, cfg: IdentityConfig, env: Environment, metrics: Metrics) -> Identity:
+    def build(cls, cfg: IdentityConfig, env: Environment, metrics: Metrics, *,
+              watch_files: bool = True) -> Identity:
+        """``watch_files`` false: the caller watches the key files (the runtime's one
+        file watcher) and calls :meth:`reload` on a change."""
         out: list[Authenticator] = []
         for name in cfg.order:
             if name == "api_keys" and cfg.api_keys is not None:
-                out.append(ApiKeyAuthenticator(cfg.api_keys, env, metrics))
+                out.append(ApiKeyAuthenticator(cfg.api_keys, env, metrics, watch=watch_files))
             elif name == "jwt" and cfg.jwt is not None:
                 out.append(JwtAuthenticator(cfg.jwt, metrics))
             elif name == "trusted_headers" and cfg.trusted_headers is not None:

@@ -63,9 +63,11 @@ class ApiKeyAuthenticator:
 
     name = "api_keys"
 
-    def __init__(self, cfg: ApiKeysConfig, env: Environment, metrics: Metrics) -> None:
+    def __init__(self, cfg: ApiKeysConfig, env: Environment, metrics: Metrics, *,
+                 watch: bool = True) -> None:
         self.cfg = cfg
         self.header = cfg.header
+        self._watch_files = watch
         self._env = env
         self._metrics = metrics
         self._by_hash: dict[str, tuple[ApiKeyEntry, Principal]] = {}
@@ -110,7 +112,8 @@ class ApiKeyAuthenticator:
 
     async def start(self) -> None:
         await self.reload()  # also catches a change between config load and start
-        self._task = spawn(self._watch(), name="casf-api-keys-reload")
+        if self._watch_files:  # else the runtime's one file watcher calls reload()
+            self._task = spawn(self._watch(), name="casf-api-keys-reload")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,4 +1,4 @@
-"""Wiring: builds the runtime from a Config and serves its listeners.
+"""The composition root: builds the runtime from a Config and serves its listeners.
 
 The traffic listener is aiohttp's low-level ``web.Server`` (no router: every
 request goes to :meth:`Runtime.handle`, which hands it to the current
@@ -9,15 +9,11 @@ the console; the decision listener (``listen.decisions``) serves the decision
 doors of :mod:`proxy.doors.decisions`. Resources are opened in
 :meth:`Runtime.open` and closed in reverse order.
 
-Hot reload (docs/operations.md): everything a config change can touch — the
-config, the routes, the compiled policy, the identity sources, the upstream
-session — lives in a *generation*. :meth:`Runtime.reload` loads the config and
-builds a complete new generation (policy compiled, authenticators started);
-only then does it become current. A request picks the current generation once,
-when it arrives, and finishes with it; a replaced generation closes what only
-it owns when its last request is done. A reload that fails changes nothing.
-What is opened once per process (listeners, Redis, the audit store, the mode)
-needs a restart to change; a reload that changes it says so in the log.
+The parts live in their own modules: :mod:`proxy.generations` (config
+generations and hot reload; :meth:`Runtime._build` is the one place a
+generation is assembled: stages, decision core, front doors),
+:mod:`proxy.watch` (the one file watcher), :mod:`proxy.admin` (the admin
+listener's application).
 """
 
 from __future__ import annotations
@@ -25,51 +21,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import importlib.metadata
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
-from yarl import URL
 
+from proxy.admin import AdminApi
 from proxy.approvals import core as approval_states
-from proxy.approvals.api import add_approval_routes, api_key_header, identity_authenticator
 from proxy.approvals.model import Details
 from proxy.approvals.runtime import open_approvals
 from proxy.approvals.service import Approvals
 from proxy.audit.postgres import PostgresAuditSink
-from proxy.audit.records import EventIds, now_iso
+from proxy.audit.records import EventIds
 from proxy.audit.sqlite import SqliteAuditSink
-from proxy.config import Config, Mode, load_config, rego_files
-from proxy.console.app import ConsoleDeps, add_console
+from proxy.config import Config, load_config
 from proxy.console.auditview import AuditView, PostgresAuditView, SqliteAuditView
-from proxy.core import DecisionCore, trace_context
+from proxy.core import DecisionCore
 from proxy.doors.decisions import DecisionDoors
 from proxy.doors.inline import InlineProxy
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore, ModeStateFile
-from proxy.envelope import envelope_response
-from proxy.forward import UpstreamClient, new_upstream
+from proxy.forward import new_upstream
+from proxy.generations import (
+    GEN,
+    Generation,
+    Generations,
+    Shared,
+    same_identity,
+    session_params,
+)
 from proxy.httpserver import TrafficServer
 from proxy.identity import Identity
-from proxy.metrics import Metrics, exposition
-from proxy.model import Verdict
-from proxy.policy_opa import OpaEngine, open_policy_engine
+from proxy.metrics import Metrics
+from proxy.policy_opa import open_policy_engine
 from proxy.ports import (
     AdmissionStore,
     AuditSink,
-    AuditUnavailable,
     ModeStore,
     PolicyEngine,
-    StoreUnavailable,
 )
-from proxy.reasons import Reason
 from proxy.redisstate import RedisAdmissionStore, RedisConnection, RedisModeStore, RedisSettings
 from proxy.settings import Environment
 from proxy.stages import Stage
@@ -79,16 +72,13 @@ from proxy.stages.attributes import AttributeBuilder
 from proxy.stages.authenticate import AuthenticateStage
 from proxy.stages.policy import PolicyStage
 from proxy.stages.ratelimit import RateRules
-from proxy.stages.replay import MAX_ID_LENGTH, parse_request_id
-from proxy.strictjson import JsonRejected, loads_strict
 from proxy.tasks import spawn
 from proxy.telemetry import Telemetry
 from proxy.trail import AuditTrail
+from proxy.watch import ConfigWatcher, Stat, file_stats, watched_files
 
 log = logging.getLogger("casf")
-_SET_MODE = "casf.admin.set_mode"  # the tool name of admin mode changes in the audit chain
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,181 +110,11 @@ class WorkerSpec:
             decisions_listener=decisions)
 
 
-class _Shared(Generic[T]):
-    """A resource used by one or more generations; closed when the last lets go."""
-
-    def __init__(self, value: T, close: Callable[[], Awaitable[Any]]) -> None:
-        self.value = value
-        self._close = close
-        self.users = 0
-
-    def acquire(self) -> T:
-        self.users += 1
-        return self.value
-
-    async def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            await self._close()
-
-
-class _Generation:
-    """The config and everything built from it, as one unit (see the module doc)."""
-
-    __slots__ = ("active", "cfg", "engine", "identity", "pipeline", "released", "retired",
-                 "session")
-
-    def __init__(self, cfg: Config, pipeline: InlineProxy, engine: _Shared[PolicyEngine],
-                 identity: _Shared[Identity], session: _Shared[UpstreamClient]) -> None:
-        self.cfg = cfg
-        self.pipeline = pipeline
-        self.engine = engine
-        self.identity = identity
-        self.session = session
-        for ref in (engine, identity, session):
-            ref.acquire()
-        self.active = 0
-        self.retired = False
-        self.released = False
-
-    async def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        await self.pipeline.flush()  # outcome records still on their way to the sink
-        for ref in (self.session, self.identity, self.engine):
-            try:
-                await ref.release()
-            except Exception:
-                log.exception("closing a replaced config generation failed")
-
-
-_GEN = web.RequestKey("casf_generation", _Generation)
-
-
 def _version() -> str | None:
     try:
         return importlib.metadata.version("casf-proxy")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _describe(exc: BaseException) -> str:
-    from proxy.config import ConfigError
-    from proxy.policy_regorus import PolicyLoadError
-
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    if isinstance(exc, PolicyLoadError):
-        return f"policy does not compile: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-# Settings read once at startup: a reload that changes them is logged, not applied.
-def _restart_only(old: Config, new: Config) -> list[str]:
-    changed = []
-    if old.traffic != new.traffic:
-        changed.append("listen.traffic")
-    if old.admin != new.admin:
-        changed.append("listen.admin")
-    if old.decisions_listener != new.decisions_listener:
-        changed.append("listen.decisions")
-    if old.redis != new.redis:
-        changed.append("redis")
-    for name in ("sqlite_path", "chain_id", "batch_max", "batch_wait_s", "timeout_s",
-                 "queue_max", "spool_dir"):
-        if getattr(old.audit, name) != getattr(new.audit, name):
-            changed.append(f"audit.{name.removesuffix('_s')}")
-    if old.mode_default != new.mode_default:
-        changed.append("mode.default")
-    if old.mode_state_path != new.mode_state_path:
-        changed.append("mode.state_path")
-    if old.approvals != new.approvals:
-        changed.append("approvals")
-    if old.telemetry != new.telemetry:
-        changed.append("telemetry")
-    return changed
-
-
-def _session_params(cfg: Config) -> tuple[float, float, int]:
-    u = cfg.upstream
-    return (u.connect_timeout_s, u.read_timeout_s, u.pool_size)
-
-
-def _same_identity(old: Config, new: Config) -> bool:
-    """Equal apart from the key set (the authenticator re-reads its sources itself)."""
-    a, b = old.identity, new.identity
-    if a.api_keys is not None and b.api_keys is not None:
-        a = dataclasses.replace(a, api_keys=dataclasses.replace(a.api_keys, keys=()))
-        b = dataclasses.replace(b, api_keys=dataclasses.replace(b.api_keys, keys=()))
-    return a == b
-
-
-# ------------------------------------------------------------ file watch
-
-Stat = tuple[str, int, int, int]
-
-
-def watched_files(cfg: Config) -> list[Path]:
-    """Every file a reload reads: the config, key sources, JWKS file, policy files."""
-    out = [cfg.source]
-    ak = cfg.identity.api_keys
-    if ak is not None:
-        if ak.keys_file is not None:
-            out.append(ak.keys_file)
-        if ak.keys_dir is not None:
-            out.append(ak.keys_dir)
-            with contextlib.suppress(OSError):
-                out.extend(ak.keys_dir / n for n in sorted(os.listdir(ak.keys_dir))
-                           if not n.startswith("."))
-    if cfg.identity.jwt is not None and cfg.identity.jwt.jwks_file is not None:
-        out.append(cfg.identity.jwt.jwks_file)
-    if cfg.policy.bundle is not None:
-        out.append(cfg.policy.bundle)
-        out.extend(cfg.policy.files)
-        with contextlib.suppress(OSError):  # a new or removed file changes the bundle
-            out.extend(f for f in rego_files(cfg.policy.bundle) if f not in cfg.policy.files)
-    return out
-
-
-def file_stats(paths: list[Path]) -> dict[str, Stat]:
-    """Where each path resolves to (symlinks followed: a ConfigMap's ``..data`` swap
-    changes it), with inode, mtime and size. Blocking: run it in a thread."""
-    out: dict[str, Stat] = {}
-    for path in paths:
-        try:
-            real = os.path.realpath(path)
-            st = os.stat(real)
-            out[str(path)] = (real, st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            out[str(path)] = ("", -1, -1, -1)
-    return out
-
-
-# ------------------------------------------------------------ readiness
-
-_UPSTREAM_CHECK_MAX_S = 1.0  # readiness probes time out in seconds: never wait longer
-
-
-async def upstream_accepts(url: str, timeout_s: float) -> bool:
-    """Whether the upstream's host:port accepts a TCP connection within ``timeout_s``.
-
-    A plain connect, closed at once (no request, no TLS handshake): a sidecar
-    whose app is not listening yet would answer every request with 502.
-    """
-    target = URL(url)
-    if target.host is None or target.port is None:
-        return False
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(target.host, target.port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 # ------------------------------------------------------------ runtime
@@ -322,18 +142,15 @@ class Runtime:
         self.draining = False  # set at SIGTERM: readiness answers 503 from then on
         self.in_flight = 0
         self.cut_off = 0  # requests cancelled at the drain timeout
-        self._gen: _Generation | None = None
-        self._retired: list[_Generation] = []
-        self._reload_lock = asyncio.Lock()
+        self.generations = Generations(metrics)
         self._watcher: asyncio.Task[None] | None = None
-        self._stats: dict[str, Stat] = {}
+        self._stats: dict[str, Stat] = {}  # the files as the watcher last saw them
 
     # the current generation's parts (what a request that arrives now would use)
 
     @property
-    def gen(self) -> _Generation:
-        assert self._gen is not None, "runtime is not open"
-        return self._gen
+    def gen(self) -> Generation:
+        return self.generations.current
 
     @property
     def cfg(self) -> Config:
@@ -424,11 +241,12 @@ class Runtime:
                 backends["approvals"] = "redis" if conn is not None else "memory"
                 rt.audit_view = (PostgresAuditView(env.pg_dsn) if env.pg_dsn
                                  else SqliteAuditView(cfg.audit.sqlite_path))
-            rt._gen = await rt._build(cfg, None)
+            rt.generations.start(await rt._build(cfg, None))
             rt._stats = stats
             metrics.set_config_hash(cfg.digest)
             if watch:
-                rt._watcher = spawn(rt._watch(), name="casf-config-watch")
+                rt._watcher = spawn(ConfigWatcher(rt, rt._stats).run(),
+                                    name="casf-config-watch")
             yield rt
         finally:
             if rt is not None:
@@ -444,7 +262,7 @@ class Runtime:
                 await conn.close()
             await audit.close()
 
-    async def _build(self, cfg: Config, prev: _Generation | None) -> _Generation:
+    async def _build(self, cfg: Config, prev: Generation | None) -> Generation:
         """A complete generation for ``cfg``; reuses ``prev``'s parts that did not change."""
         stack = contextlib.AsyncExitStack()
         if prev is not None and prev.cfg.policy == cfg.policy:
@@ -455,10 +273,10 @@ class Runtime:
         else:
             engine_value = await stack.enter_async_context(open_policy_engine(cfg.policy,
                                                                               self.metrics))
-            engine = _Shared(engine_value, stack.aclose)
-        identity: _Shared[Identity] | None = None
+            engine = Shared(engine_value, stack.aclose)
+        identity: Shared[Identity] | None = None
         try:
-            if prev is not None and _same_identity(prev.cfg, cfg):
+            if prev is not None and same_identity(prev.cfg, cfg):
                 identity = prev.identity
                 await identity.value.reload()  # key files and JWKS read now, not in ~1 s
             else:
@@ -467,12 +285,12 @@ class Runtime:
                 new_identity = Identity.build(cfg.identity, self.env, self.metrics,
                                               watch_files=not cfg.reload.watch)
                 await new_identity.start()
-                identity = _Shared(new_identity, new_identity.close)
-            if prev is not None and _session_params(prev.cfg) == _session_params(cfg):
+                identity = Shared(new_identity, new_identity.close)
+            if prev is not None and session_params(prev.cfg) == session_params(cfg):
                 session = prev.session
             else:
                 new = new_upstream(cfg.upstream)
-                session = _Shared(new, new.close)
+                session = Shared(new, new.close)
         except BaseException:
             if identity is not None and identity.users == 0:
                 await identity.value.close()
@@ -499,7 +317,7 @@ class Runtime:
         pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
                                consumed_headers=ident.consumed_headers,
                                stripped_headers=ident.stripped_headers)
-        return _Generation(cfg, pipeline, engine, identity, session)
+        return Generation(cfg, pipeline, engine, identity, session)
 
     async def _close_generations(self) -> None:
         if self._watcher is not None:
@@ -507,18 +325,13 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        async with self._reload_lock:  # a reload in progress finishes first
-            gens = [*self._retired, *([self._gen] if self._gen is not None else [])]
-            self._retired.clear()
-            for gen in gens:
-                await gen.release()
+        await self.generations.close()
 
     # ------------------------------------------------------------ traffic
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The traffic listener's handler: the request keeps the generation it started with."""
-        gen = self.gen
-        gen.active += 1
+        gen = self.generations.pin()
         self.in_flight += 1
         try:
             return await gen.pipeline.handle(request)
@@ -528,307 +341,43 @@ class Runtime:
             raise
         finally:
             self.in_flight -= 1
-            gen.active -= 1
-            if gen.retired and gen.active == 0:
-                spawn(self._release(gen), name="casf-release-generation")
+            self.generations.unpin(gen)
 
     @web.middleware
     async def _pin_generation(self, request: web.Request,
                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                               ) -> web.StreamResponse:
         """A decision-listener request keeps the generation it started with, too."""
-        gen = self.gen
-        gen.active += 1
+        gen = self.generations.pin()
         self.in_flight += 1
-        request[_GEN] = gen
+        request[GEN] = gen
         try:
             return await handler(request)
         finally:
             self.in_flight -= 1
-            gen.active -= 1
-            if gen.retired and gen.active == 0:
-                spawn(self._release(gen), name="casf-release-generation")
+            self.generations.unpin(gen)
 
     def decisions_app(self) -> web.Application:
-        doors = DecisionDoors(lambda request: request[_GEN].pipeline.core, self.metrics)
-        return doors.app([self._admin_errors, self._pin_generation])
+        doors = DecisionDoors(lambda request: request[GEN].pipeline.core, self.metrics)
+        return doors.app([AdminApi(self).errors, self._pin_generation])
 
     def close_websockets(self) -> None:
         """Close every generation's open WebSocket sessions with 1001 (going away)."""
-        for gen in [*self._retired, *([self._gen] if self._gen is not None else [])]:
+        for gen in self.generations.every():
             gen.pipeline.websocket.shutdown()
-
-    async def _release(self, gen: _Generation) -> None:
-        with contextlib.suppress(ValueError):
-            self._retired.remove(gen)
-        await gen.release()
-
-    # ------------------------------------------------------------ hot reload
 
     async def reload(self, reason: str) -> bool:
         """Load the config again and switch to it if (and only if) all of it is valid."""
-        async with self._reload_lock:
-            old = self.gen
-            try:
-                cfg = await asyncio.to_thread(load_config, old.cfg.source, self.env)
-                if self.worker is not None:
-                    cfg = self.worker.apply(cfg, self.env)
-                gen = await self._build(cfg, old)
-            except Exception as exc:
-                self.metrics.config_reload.labels("error").inc()
-                log.error("config reload (%s) failed, keeping config %s: %s", reason,
-                          old.cfg.digest[:12], _describe(exc),
-                          extra={"fields": {"event": "config_reload", "result": "error",
-                                            "hash": old.cfg.digest}})
-                return False
-            if cfg.digest == old.cfg.digest and reason.startswith("file change"):
-                # the same bytes as the config in force (a file was touched, or a
-                # directory and the file in it were both seen to change): nothing
-                # to do, and not a reload
-                await gen.release()
-                self.metrics.config_reload.labels("unchanged").inc()
-                log.info("config files touched, content unchanged (hash %s): not reloaded",
-                         cfg.digest[:12])
-                return True
-            ignored = _restart_only(old.cfg, cfg)
-            if ignored:
-                log.warning("config reload (%s): %s changed; these settings apply only after "
-                            "a restart (the running values stay)", reason, ", ".join(ignored),
-                            extra={"fields": {"event": "config_reload",
-                                              "restart_required": ignored}})
-            self._gen = gen  # from here on, new requests use the new generation
-            old.retired = True
-            if old.active == 0:
-                await old.release()
-            else:
-                self._retired.append(old)
-            self.metrics.config_reload.labels("success").inc()
-            self.metrics.set_config_hash(cfg.digest)
-            log.warning("config reloaded (%s): hash %s -> %s, policy %s", reason,
-                        old.cfg.digest[:12], cfg.digest[:12], gen.pipeline.policy_hash,
-                        extra={"fields": {"event": "config_reload", "result": "success",
-                                          "hash": cfg.digest,
-                                          "policy_hash": gen.pipeline.policy_hash}})
-            return True
+        def load(old: Config) -> Config:
+            cfg = load_config(old.source, self.env)
+            return self.worker.apply(cfg, self.env) if self.worker is not None else cfg
 
-    async def _watch(self) -> None:
-        """Poll the watched files; a change (content, inode or symlink target) reloads.
-
-        Every completed cycle counts in ``casf_config_watch_cycles_total``, also with
-        ``reload.watch: false`` or while draining (then the cycle checks nothing).
-        """
-        while True:
-            await asyncio.sleep(self.cfg.reload.interval_s)
-            if self.cfg.reload.watch and not self.draining:
-                try:
-                    await self._check_files()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("config file watch failed")
-            self.metrics.config_watch_cycles.inc()
-
-    async def _check_files(self) -> None:
-        before = self._stats
-        now = await asyncio.to_thread(file_stats, watched_files(self.cfg))
-        if now == before:
-            return
-        changed = sorted(p for p in now if now[p] != before.get(p))
-        await self.reload("file change: " + ", ".join(changed[:3])
-                          + (" ..." if len(changed) > 3 else ""))
-        # the stats taken before the load: a write during it is seen next time;
-        # files the new config added are stat'ed now
-        paths = watched_files(self.cfg)
-        fresh = await asyncio.to_thread(file_stats, [p for p in paths if str(p) not in now])
-        self._stats = {str(p): now.get(str(p)) or fresh[str(p)] for p in paths}
+        return await self.generations.reload(reason, load, self._build)
 
     # ------------------------------------------------------------ admin
 
     def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._admin_errors], client_max_size=64 * 1024)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/admin/mode", self._get_mode)
-        app.router.add_put("/admin/mode", self._put_mode)
-        app.router.add_post("/admin/identity/reload", self._reload_identity)
-        app.router.add_post("/admin/config/reload", self._reload_config)
-        # approvers act with their own identity (API key, JWT, trusted headers), never
-        # the operator token: the approver API and the console (docs/approvals.md)
-        auth = identity_authenticator(lambda: self.identity)
-        add_approval_routes(app, lambda: self.approvals, auth,
-                            lambda: self.pipeline.policy_hash)
-        if self.approvals is not None and self.audit_view is not None:
-            console = self.cfg.approvals.console if self.cfg.approvals else None
-            add_console(app, ConsoleDeps(
-                approvals=lambda: self.approvals, authenticate=auth,
-                api_key_header=lambda: api_key_header(self.identity),
-                audit=self.audit_view, mode=lambda: self.mode.current().value,
-                policy_hash=lambda: self.pipeline.policy_hash,
-                session_ttl_s=console.session_ttl_seconds if console else 900.0,
-                cookie_secure=console.cookie_secure if console else True))
-        return app
-
-    def _admin_envelope(self, request: web.BaseRequest, status: int, reasons: tuple[str, ...],
-                        message: str, headers: tuple[tuple[str, str], ...] = (),
-                        tool: str | None = None) -> web.Response:
-        """The admin API's own errors: the same envelope as the traffic listener's."""
-        verdict = Verdict("DENY", status, reasons, message, headers, shadowable=False)
-        return envelope_response(verdict, tool, "", trace_context(request.headers)[0],
-                                 self.pipeline.policy_hash)
-
-    @web.middleware
-    async def _admin_errors(self, request: web.Request,
-                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                            ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            if exc.status == 413:
-                return self._admin_envelope(request, 413, (Reason.REQUEST_TOO_LARGE,),
-                                            "request body too large")
-            if exc.status == 405:
-                return self._admin_envelope(request, 405, (Reason.ROUTE_NOT_MAPPED,),
-                                            "method not allowed here",
-                                            (("Allow", exc.headers.get("Allow", "")),))
-            return self._admin_envelope(request, exc.status, (Reason.ROUTE_NOT_MAPPED,),
-                                        "no such admin resource")
-
-    async def _health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        if self.draining:  # shutting down: out of the load balancer first
-            return web.json_response({"status": "draining", "checks": {},
-                                      "backends": self.backends,
-                                      "mode": self.mode.current().value,
-                                      "config_hash": self.cfg.digest}, status=503)
-        policy_ok = not isinstance(self.engine, OpaEngine) or await self.engine.healthy()
-        checks = {"config": "ok", "policy": "ok" if policy_ok else "unavailable",
-                  "audit": "ok" if await self.audit.healthy() else "unavailable"}
-        if self.redis is not None:
-            checks["redis"] = "ok" if await self.redis.ping() else "unavailable"
-        u = self.cfg.upstream
-        checks["upstream"] = "ok" if await upstream_accepts(
-            u.url, min(u.connect_timeout_s, _UPSTREAM_CHECK_MAX_S)) else "unavailable"
-        ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks,
-                                  "backends": self.backends,
-                                  "mode": self.mode.current().value,
-                                  "config_hash": self.cfg.digest},
-                                 status=200 if ok else 503)
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        self.metrics.set_mode(self.mode.current().value, (m.value for m in Mode))
-        if self.multiproc_dir is not None:  # every worker's files: read them off the loop
-            body = await asyncio.to_thread(exposition, self.metrics, self.multiproc_dir)
-        else:
-            body = exposition(self.metrics, None)
-        resp = web.Response(body=body)
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
-
-    def _authorised(self, request: web.Request) -> web.Response | None:
-        token = self.env.admin_token
-        if token is None:
-            return self._admin_envelope(request, 404, (Reason.ADMIN_DISABLED,),
-                                        "admin API disabled (CASF_ADMIN_TOKEN unset)")
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            reason = Reason.AUTH_INVALID if given else Reason.AUTH_MISSING
-            return self._admin_envelope(request, 401, (reason,), "unauthorised",
-                                        (("WWW-Authenticate", "Bearer"),))
-        return None
-
-    async def _reload_identity(self, request: web.Request) -> web.Response:
-        """Re-read API keys and refetch the JWKS now (docs/identity.md)."""
-        denied = self._authorised(request)
-        if denied is not None:
-            return denied
-        loaded = await self.identity.reload() if self.identity is not None else {}
-        return web.json_response({"reloaded": loaded})
-
-    async def _reload_config(self, request: web.Request) -> web.Response:
-        """Reload the config now, like SIGHUP (this process only; see docs/operations.md)."""
-        denied = self._authorised(request)
-        if denied is not None:
-            return denied
-        ok = await self.reload("admin API")
-        return web.json_response({"reloaded": ok, "config_hash": self.cfg.digest,
-                                  "policy_hash": self.pipeline.policy_hash},
-                                 status=200 if ok else 422)
-
-    async def _get_mode(self, request: web.Request) -> web.Response:
-        denied = self._authorised(request)
-        if denied is not None:
-            return denied
-        return web.json_response({"mode": self.mode.current().value})
-
-    async def _put_mode(self, request: web.Request) -> web.Response:
-        denied = self._authorised(request)
-        if denied is not None:
-            return denied
-        # validated like the traffic listener's request ids (proxy.stages.replay): the
-        # value goes into the audit chain; absent, one is generated
-        ids = request.headers.getall("X-Request-Id", [])
-        request_id = (self.pipeline.event_ids.next() if not ids else
-                      parse_request_id(ids[0]) if len(ids) == 1 else None)
-        if request_id is None:
-            verdict = Verdict("DENY", 400, (Reason.INVALID_REQUEST_ID,),
-                              f"X-Request-Id must be sent once, 1-{MAX_ID_LENGTH} printable "
-                              "characters", shadowable=False)
-            return envelope_response(verdict, _SET_MODE, "", trace_context(request.headers)[0],
-                                     self.pipeline.policy_hash)
-        try:
-            body = loads_strict(await request.read())  # duplicate keys are refused
-            if not isinstance(body, dict) or set(body) != {"mode"}:
-                raise ValueError("not {\"mode\": ...}")
-            new = Mode(body["mode"])
-        except (JsonRejected, TypeError, ValueError):
-            return self._admin_envelope(
-                request, 400, (Reason.INVALID_MODE,),
-                'body must be {"mode": "ALLOW" | "STEP_UP" | "READ_ONLY" | "KILL_SWITCH"}',
-                tool=_SET_MODE)
-        old = self.mode.current()
-        # audited before it takes effect: an unaudited mode change must not happen
-        try:
-            await self.audit.append(self._mode_record(request_id, old, new, "ALLOW", 200, ()))
-        except AuditUnavailable:
-            return self._admin_envelope(request, 503, (Reason.FAIL_CLOSED,
-                                                       Reason.AUDIT_UNAVAILABLE),
-                                        "audit store unavailable; mode unchanged",
-                                        (("Retry-After", "1"),), tool=_SET_MODE)
-        try:
-            # false: a more restrictive mode accepted while Redis is unreachable; in force
-            # here, published once Redis answers (docs/state.md)
-            shared = await self.mode.set(new)
-        except StoreUnavailable:
-            reasons = (Reason.FAIL_CLOSED, Reason.MODE_STORE_UNAVAILABLE)
-            with contextlib.suppress(AuditUnavailable):
-                await self.audit.append(self._mode_record(request_id, old, new, "DENY", 503,
-                                                          reasons))
-            return self._admin_envelope(request, 503, reasons,
-                                        "shared state unavailable; mode unchanged",
-                                        (("Retry-After", "1"),), tool=_SET_MODE)
-        log.warning("mode changed %s -> %s%s", old.value, new.value,
-                    "" if shared else " (this replica only until Redis answers)")
-        return web.json_response({"mode": new.value, "previous": old.value, "shared": shared})
-
-    def _mode_record(self, request_id: str, old: Mode, new: Mode, decision: str,
-                     status: int, reasons: tuple[str, ...]) -> dict[str, Any]:
-        return {
-            "event_id": self.pipeline.event_ids.next(), "ts": now_iso(), "kind": "decision",
-            "request_id": request_id, "trace_id": None,
-            "actor": "admin", "role": "admin", "tenant": None, "tool": _SET_MODE,
-            "effect": "write", "method": "PUT", "route": "/admin/mode", "decision": decision,
-            "status": status, "reason_codes": list(reasons),
-            "policy_hash": self.pipeline.policy_hash, "body_sha256": None,
-            "attrs": {"args": {"from": old.value, "to": new.value}},
-            "config_hash": self.cfg.digest, "via": "admin",
-        }
+        return AdminApi(self).app()
 
 
 class _AdminRunner(web.AppRunner):

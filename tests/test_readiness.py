@@ -8,12 +8,13 @@ host:port, bounded by ``upstream.connect_timeout_ms`` (at most 1 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from pathlib import Path
 from typing import Any
 
-from proxy.app import upstream_accepts
+from proxy.admin import upstream_accepts
 from tests.conftest import Upstream, clinic_env, run_upstream, start_proxy, write_config
 from tests.waiting import wait_until
 
@@ -55,7 +56,23 @@ async def test_healthz_waits_for_the_upstream_to_accept(tmp_path: Path) -> None:
 
 
 async def test_upstream_check_is_bounded_for_an_address_that_never_answers() -> None:
-    # 192.0.2.0/24 (TEST-NET-1) is never routed: the connect fails at once (no
-    # route) or hangs until the bound; either way the answer is "no", in time
-    async with asyncio.timeout(5):
-        assert await upstream_accepts("http://192.0.2.1:81", 0.2) is False
+    # a local listener whose accept queue is full drops new SYNs: the connect
+    # hangs, and the check must answer "no" at its bound (only loopback is used)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", port))
+            fillers.append(c)
+        async with asyncio.timeout(5):
+            assert await upstream_accepts(f"http://127.0.0.1:{port}", 0.3) is False
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()

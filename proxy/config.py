@@ -270,7 +270,7 @@ class AuditConfig:
     # the first free worker chain "{HOSTNAME}-{n}" (docs/audit.md, chains)
     chain_id_set: bool = True
     queue_max: int = 10_000  # records waiting for the writer; beyond: 503 Audit_Unavailable
-    spool_dir: Path | None = None  # None: casf-audit-spool next to sqlite_path
+    spool_dir: Path | None = None  # None: <sqlite file name>.spool next to sqlite_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +492,12 @@ _TARGET = re.compile(r"^(subject|args|context)\.[A-Za-z_][A-Za-z0-9_]*$")
 _PRINCIPAL_FIELDS = {"id", "role", "tenant"}
 
 
+def spool_dir_for(sqlite_path: Path) -> Path:
+    """The default audit spool of an audit file: one per file (a chain id is unique
+    only within its store), beside it."""
+    return sqlite_path.parent / f"{sqlite_path.name}.spool"
+
+
 def rego_files(directory: Path) -> list[Path]:
     """The ``.rego`` files under ``directory``, sorted, skipping hidden entries.
 
@@ -666,7 +672,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         chain_id_set=bool(au.get("chain_id")),
         queue_max=r.integer(au, "queue_max", "audit", 10_000, 1),
         spool_dir=(base / r.string(au, "spool_dir", "audit") if au.get("spool_dir")
-                   else (base / sqlite_path).parent / "casf-audit-spool"),
+                   else spool_dir_for(base / sqlite_path)),
     )
 
     defaults = r.mapping(top.get("defaults"), "defaults")

@@ -143,7 +143,7 @@ def test_queue_max_is_a_config_key(tmp_path: Path) -> None:
                         Environment({"CASF_AUDIT_PATH": str(tmp_path / "a.db"),
                                      "CLINIC_UPSTREAM": "http://x:1"}))
     assert plain.audit.queue_max == 10_000
-    assert plain.audit.spool_dir == tmp_path / "casf-audit-spool"
+    assert plain.audit.spool_dir == tmp_path / "a.db.spool"  # one spool per audit file
 
 
 # ------------------------------------------------------------------ spool: SQLite

@@ -339,7 +339,7 @@ class SqliteReader:
 class SqliteAuditSink(QueuedSink):
     """One chain (``chain_id``) in a SQLite file, appended by a single writer task.
 
-    ``spool_dir`` (default: ``casf-audit-spool`` next to the file) holds the
+    ``spool_dir`` (default: ``<file name>.spool`` next to the file) holds the
     chain's spool; ``queue_max`` bounds the records waiting for the writer.
     """
 
@@ -354,7 +354,8 @@ class SqliteAuditSink(QueuedSink):
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._init_queue(queue_max, on_full)
-        self.spool_dir = spool_dir if spool_dir is not None else path.parent / "casf-audit-spool"
+        self.spool_dir = (spool_dir if spool_dir is not None
+                          else path.parent / f"{path.name}.spool")
         self._spool = Spool(spool_file(self.spool_dir, chain_id), queue_max)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casf-audit")
         self._conn: sqlite3.Connection | None = None

@@ -71,7 +71,8 @@ class DecisionDoors:
         app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
         app.router.add_post("/verify", self.verify)
         app.router.add_get("/authz/forward", self.forward)
-        app.router.add_route("*", "/authz/envoy/{tail:.*}", self.envoy)
+        # any path, line breaks included (decided and refused, never a router 404)
+        app.router.add_route("*", "/authz/envoy/{tail:[\\s\\S]*}", self.envoy)
         app.router.add_route("*", "/authz/envoy", self.envoy)
         app.router.add_get("/openapi.json", self.openapi)
         return app
@@ -217,7 +218,10 @@ class DecisionDoors:
     async def _authz_run(self, core: DecisionCore, request: web.Request, ex: Exchange,
                          target: str, *, body_sent: bool, partial: bool
                          ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in ex.headers.items()]
+        # the header bytes as received (aiohttp decodes them as UTF-8 with surrogate
+        # escapes): a value outside ASCII is refused by the head check, never a 500
+        raw = [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+               for k, v in ex.headers.items()]
         verdict = core.check_head(ex, raw, target)
         if verdict is not None:
             return await self._envelope(core, ex, verdict)

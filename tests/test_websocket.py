@@ -23,9 +23,9 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.app import graceful_stop
-from proxy.audit.sqlite import connect, iter_records
 from proxy.config import ConfigError, load_config
 from proxy.tasks import spawn
+from tests.audit_rows import all_records
 from tests.conftest import KEYS, Proxy, Upstream, clinic_env, start_proxy, write_config
 from tests.waiting import wait_event, wait_until
 
@@ -119,11 +119,7 @@ async def ws_proxy(tmp_path: Path, upstream_url: str,
 
 
 def records(p: Proxy) -> list[dict[str, Any]]:
-    conn = connect(p.cfg.audit.sqlite_path, create=False)
-    try:
-        return list(iter_records(conn))
-    finally:
-        conn.close()
+    return all_records(p.cfg.audit.sqlite_path)
 
 
 async def outcome_of(p: Proxy, decision: dict[str, Any]) -> dict[str, Any]:

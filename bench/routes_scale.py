@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from run import PY, free_port, process, wrk  # noqa: E402
+from run import PY, process, wrk  # noqa: E402
+
+from tests.servers import free_port  # noqa: E402
 
 CLINIC = ROOT / "examples" / "clinic"
 

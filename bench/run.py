@@ -64,7 +64,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited early: {proc.args}")
+            raise RuntimeError(f"process exited early: {proc.args!r}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return

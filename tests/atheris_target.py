@@ -100,7 +100,7 @@ def _json(data: bytes, pointer: str) -> None:
 
 def _headers(data: bytes) -> None:
     pairs = [tuple(line.split(b":", 1)) for line in data.split(b"\n") if b":" in line]
-    header_verdict([(k, v) for k, v in pairs if len((k, v)) == 2])  # type: ignore[misc]
+    header_verdict([(k, v) for k, v in pairs if len((k, v)) == 2])
     text = data.decode("latin-1")
     override_param_verdict(text, "application/x-www-form-urlencoded", data)
     override_param_verdict(text, "multipart/form-data; boundary=x", data)

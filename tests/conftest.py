@@ -271,9 +271,13 @@ async def start_proxy(config_path: Path, env: Environment, up: Upstream
             await serving.close()
 
 
+# the type of the make_proxy fixture: make_proxy(patch, **env) is an async context
+# manager yielding a running Proxy
+MakeProxy = Callable[..., contextlib.AbstractAsyncContextManager[Proxy]]
+
+
 @pytest.fixture
-def make_proxy(tmp_path: Path, upstream: Upstream
-               ) -> Callable[..., contextlib.AbstractAsyncContextManager[Proxy]]:
+def make_proxy(tmp_path: Path, upstream: Upstream) -> MakeProxy:
     def factory(patch: Callable[[dict[str, Any]], None] = lambda d: None,
                 **env_extra: str) -> contextlib.AbstractAsyncContextManager[Proxy]:
         path = write_config(tmp_path, patch)

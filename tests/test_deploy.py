@@ -100,7 +100,7 @@ def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]
 
 
 def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in spec["containers"] if c["name"] == name]
+    found: list[dict[str, Any]] = [c for c in spec["containers"] if c["name"] == name]
     assert len(found) == 1, f"no container {name}"
     return found[0]
 
@@ -781,7 +781,8 @@ def _defined_metrics() -> dict[str, tuple[str, set[str]]]:
                 (k.value for k in node.keywords if k.arg == "labelnames"), None)
             labels: set[str] = set()
             if isinstance(labels_node, ast.List | ast.Tuple):
-                labels = {e.value for e in labels_node.elts if isinstance(e, ast.Constant)}
+                labels = {e.value for e in labels_node.elts
+                          if isinstance(e, ast.Constant) and isinstance(e.value, str)}
             out[first.value] = (kind.lower(), labels)
     return out
 

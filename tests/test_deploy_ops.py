@@ -38,8 +38,9 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.ci import require_binary
 from tests.nginx_fixture import Nginx, nginx_t, render
-from tests.servers import free_port, require_binary
+from tests.servers import free_port
 from tests.test_deploy import (
     BACKEND,
     PROXY,
@@ -679,7 +680,7 @@ def test_envoy_overlay_fronts_the_backend_with_casf_as_authorizer() -> None:
     listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener["port_value"] == envoy["ports"][0]["containerPort"]
     # Envoy reaches casf-proxy's decision listener and the backend over loopback
-    env = {k: v.get("value") for k, v in env_of(proxy).items()}
+    env: dict[str, Any] = {k: v.get("value") for k, v in env_of(proxy).items()}
     assert (env["CASF_DECISIONS_HOST"], int(env["CASF_DECISIONS_PORT"])) == (
         _cluster_addr(cfg, "casf_decisions"))
     args = backend["args"]

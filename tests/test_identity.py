@@ -33,7 +33,7 @@ from proxy.config import ConfigError, load_config
 from proxy.identity.jwks import parse_jwks
 from proxy.identity.jwt import JwtVerifier, TokenCache
 from proxy.model import Principal
-from tests.conftest import ADMIN_TOKEN, CLINIC, Proxy, clinic_env, sha, write_config
+from tests.conftest import ADMIN_TOKEN, CLINIC, MakeProxy, Proxy, clinic_env, sha, write_config
 from tests.waiting import wait_until
 
 ISS = "https://idp.test.example"
@@ -95,7 +95,9 @@ def unsigned(header: dict[str, Any], body: dict[str, Any], sig: bytes = b"") -> 
 
 def rs_public_as_hs_secret() -> str:
     """The classic confusion: HS256 "signed" with the RSA public key's PEM."""
-    pem = keys()["rs1"].as_pem(private=False)
+    rs1 = keys()["rs1"]
+    assert isinstance(rs1, RSAKey)
+    pem = rs1.as_pem(private=False)
     head = b64(json.dumps({"alg": "HS256", "kid": "rs1", "typ": "JWT"}).encode())
     body = b64(json.dumps(claims()).encode())
     sig = hmac.new(pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
@@ -473,7 +475,7 @@ def keys_patch(keys_file: Path | None = None, keys_dir: Path | None = None,
     return patch
 
 
-async def test_api_key_revoked_by_file_reload(make_proxy: Any, tmp_path: Path) -> None:
+async def test_api_key_revoked_by_file_reload(make_proxy: MakeProxy, tmp_path: Path) -> None:
     kf = tmp_path / "keys.yaml"
     kf.write_text(keys_yaml({"k-nurse": ("s3cret-nurse-key", "nurse"),
                              "k-rec": ("s3cret-rec-key", "receptionist")}))
@@ -528,7 +530,7 @@ def write_secret_key(directory: Path, kid: str, secret: str, role: str) -> None:
         "sha256": sha(secret), "principal": {"id": f"svc-{kid}", "role": role, "tenant": "t1"}}))
 
 
-async def test_api_keys_from_secret_directory(make_proxy: Any, tmp_path: Path) -> None:
+async def test_api_keys_from_secret_directory(make_proxy: MakeProxy, tmp_path: Path) -> None:
     d = tmp_path / "secret"
     d.mkdir()
     write_secret_key(d, "svc-nurse", "dir-key-nurse", "nurse")

@@ -64,16 +64,17 @@ async def test_sdk_client_lists_and_calls_tools(mcp_server: McpServer, mode: str
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_progress_reaches_the_sdk_client_before_the_result(
         mcp_server: McpServer, mode: str) -> None:
-    progress: list[float] = []
+    seen: list[float] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append(value)
+    # named as the SDK's progress-callback protocol names them
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
 
     async with mcp_client(mcp_server.url, mode=mode) as client:
         result = await client.call_tool("summary_history", {"patient_id": "p1"},
                                         progress_callback=on_progress)
         # the callback ran for every notification by the time the result returned
-        assert progress == [1.0, 2.0, 3.0]
+        assert seen == [1.0, 2.0, 3.0]
         assert orjson.loads(result.content[0].text)["visits"] == 2  # type: ignore[union-attr]
 
 

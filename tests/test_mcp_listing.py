@@ -31,7 +31,7 @@ def tool(name: Any, **extra: Any) -> dict[str, Any]:
     return {"name": name, "inputSchema": {"type": "object"}, **extra}
 
 
-RESULT = {
+RESULT: dict[str, Any] = {
     "tools": [tool("list_appointments", description="d", annotations={"readOnlyHint": True}),
               tool("send_sms"), tool("generate_invoice"), tool("unmapped_tool"),
               {"description": "no name"}, tool(5), "not an object", tool("send_sms")],
@@ -70,7 +70,12 @@ def test_filter_result(endpoint: Any, visible: Any, want: list[str]) -> None:
 
 def test_the_predicate_is_only_asked_about_listable_tools() -> None:
     asked: list[str] = []
-    filter_result(RESULT, MAPPED, lambda n: asked.append(n) or True)
+
+    def visible(name: str) -> bool:
+        asked.append(name)
+        return True
+
+    filter_result(RESULT, MAPPED, visible)
     assert "unmapped_tool" not in asked
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.embedded.memory import ENTRY_OVERHEAD, MemoryAdmissionStore
 from proxy.ports import Claim, ClaimState, StoredOutcome
+from tests.conftest import MakeProxy
 
 OUTCOME = StoredOutcome(201, (("Content-Type", "application/json"),), b"x" * 100, True)
 
@@ -93,7 +94,7 @@ async def test_released_and_expired_entries_give_their_bytes_back() -> None:
     assert store.stored_bytes == 0 and len(store) == 0
 
 
-async def test_budget_through_the_proxy(make_proxy: Any) -> None:
+async def test_budget_through_the_proxy(make_proxy: MakeProxy) -> None:
     """A 1 MB budget: the latest writes are replayed, the earliest refused (409)."""
     def patch(d: dict[str, Any]) -> None:
         d.setdefault("replay", {})["memory_max_mb"] = 1
@@ -111,7 +112,9 @@ async def test_budget_through_the_proxy(make_proxy: Any) -> None:
         assert set(await asyncio.gather(*(write(i) for i in range(n)))) == {201}
         assert len(p.upstream.seen) == n
         metrics = await p.metrics()
-        evicted = float(re.search(r"^casf_replay_evicted_total (\S+)$", metrics, re.M)[1])
+        found = re.search(r"^casf_replay_evicted_total (\S+)$", metrics, re.M)
+        assert found is not None, metrics
+        evicted = float(found[1])
         assert evicted > 0
         # the latest write is replayed; the first one's outcome was dropped, and its
         # retry is refused rather than delivered a second time

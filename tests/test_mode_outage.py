@@ -95,7 +95,8 @@ async def test_kill_switch_during_a_redis_outage(
         await until(published, 10.0, "KILL_SWITCH published to Redis")
 
         async def saved_as_published() -> bool:
-            return orjson.loads(state.read_bytes()) == {"mode": "KILL_SWITCH", "pending": False}
+            saved: dict[str, Any] = orjson.loads(state.read_bytes())
+            return saved == {"mode": "KILL_SWITCH", "pending": False}
 
         await until(saved_as_published, 5.0, "the state file no longer pending")
 

@@ -21,7 +21,8 @@ Patch = Any
 
 
 def body(raw: bytes) -> dict[str, Any]:
-    return json.loads(raw)
+    doc: dict[str, Any] = json.loads(raw)
+    return doc
 
 
 def assert_envelope(raw: bytes, status: int, *codes: str, decision: str = "DENY") -> dict[str, Any]:

@@ -44,6 +44,7 @@ from proxy.ports import AuditUnavailable
 from tests.conftest import (
     EXTERNAL_PG_DSN,
     ROOT,
+    MakeProxy,
     Proxy,
     Upstream,
     _upstream_app,
@@ -262,7 +263,7 @@ async def _tamper(dsn: str, kind: str, chain: str, k: int, recs: list[dict[str, 
              chain, k),
             ("UPDATE audit_events SET seq = seq - 999999 WHERE chain_id = $1 AND seq > 1000000",
              chain))
-        forged = {f: None for f in FIELDS}
+        forged: dict[str, Any] = {f: None for f in FIELDS}
         forged.update({"event_id": "forged-1", "ts": target["ts"], "kind": "decision",
                        "decision": "ALLOW", "status": 200, "reason_codes": [], "attrs": {}})
         seal(forged, chain, k, recs[k - 2]["hash"])
@@ -536,7 +537,7 @@ async def test_second_process_on_the_same_chain_refuses_to_start(
 
 
 async def test_outage_refuses_everything_and_recovers_without_restart(
-        make_proxy: Callable[..., Any], tmp_path: Path) -> None:
+        make_proxy: MakeProxy, tmp_path: Path) -> None:
     server = PostgresServer()  # its own server: this test stops it
     try:
         await asyncio.to_thread(server.start)

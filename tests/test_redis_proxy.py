@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from proxy.config import Mode
 from proxy.redisstate import RedisConnection, RedisModeStore, RedisSettings, _text
-from tests.conftest import ADMIN_TOKEN, Proxy, clinic_env, write_config
+from tests.conftest import ADMIN_TOKEN, MakeProxy, Proxy, clinic_env, write_config
 from tests.servers import ProxyProcess, RedisClusterServers, RedisServer
 from tests.waiting import wait_until
 
@@ -162,7 +162,7 @@ async def test_round_trips_per_request(redis_proxy: Any, redis_server: RedisServ
 
 
 async def test_abandoned_claim_expires_after_lease(
-        tmp_path: Path, redis_server: RedisServer, make_proxy: Any) -> None:
+        tmp_path: Path, redis_server: RedisServer, make_proxy: MakeProxy) -> None:
     def patch(d: dict[str, Any]) -> None:
         d["replay"]["lease_seconds"] = 1
 
@@ -255,7 +255,7 @@ async def wait_for_mode(read: Callable[[], Awaitable[str]], want: str, within: f
 
 
 async def test_replica_started_while_redis_is_down_follows_the_mode_once_it_is_back(
-        tmp_path: Path, make_proxy: Any, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
     # the mode follower of a replica started without Redis meets redis-py's
     # RuntimeError (pub/sub never subscribed) and connection errors: it must
     # survive them, warn once, take up a KILL_SWITCH set once Redis is back,

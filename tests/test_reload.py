@@ -331,7 +331,7 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
                         return body
 
                 assert await status("receptionist") == 200
-                before = (await healthz())["config_hash"]
+                before: str = (await healthz())["config_hash"]
                 cycles = metric(await get_metrics(s, proc.admin),
                                 "casf_config_watch_cycles_total")
                 rego = policies / "casf.rego"
@@ -353,7 +353,8 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
                 proc.proc.send_signal(signal.SIGHUP)
 
                 async def changed() -> bool:
-                    return (await healthz())["config_hash"] != before
+                    now: str = (await healthz())["config_hash"]
+                    return now != before
 
                 await wait_until(changed, "the SIGHUP reload to change the config hash")
                 assert await status("receptionist") == 403

@@ -318,7 +318,7 @@ def test_config_is_checked_and_names_the_key() -> None:
                      (dict(export_timeout_s=0), "export_timeout_ms"),
                      (dict(service_name=""), "service_name")):
         with pytest.raises(ValueError, match=f"telemetry.{key}:"):
-            TelemetryConfig(**bad)  # type: ignore[arg-type]
+            TelemetryConfig(**bad)
     assert TelemetryConfig().traces_url is None
     assert TelemetryConfig(otlp_endpoint="http://c:4318").traces_url == "http://c:4318/v1/traces"
     assert TelemetryConfig(otlp_endpoint="https://c/otlp/").traces_url == (

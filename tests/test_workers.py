@@ -55,9 +55,9 @@ async def test_two_workers_serve_and_their_metrics_add_up(tmp_path: Path,
                "REDIS_URL": redis_server.url, "CASF_PORT": str(port),
                "CASF_ADMIN_PORT": str(admin), "CASF_DECISIONS_PORT": str(free_port())}
         log = tmp_path / "proxy.log"
-        with log.open("wb") as out:
+        with log.open("wb") as sink:
             proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "run", "-c", str(path),
-                                     "--workers", "2"], cwd=ROOT, env=env, stdout=out,
+                                     "--workers", "2"], cwd=ROOT, env=env, stdout=sink,
                                     stderr=subprocess.STDOUT)
         try:
             await wait_for_log(log, proc, r"casf-proxy listening", 2)

@@ -32,12 +32,12 @@ def _describe(what: str | Callable[[], str], timeout: float, last: object) -> st
 
 
 @overload
-async def wait_until(cond: Callable[[], Awaitable[T]], what: str | Callable[[], str], *,
+async def wait_until(cond: Callable[[], Awaitable[T | None]], what: str | Callable[[], str], *,
                      timeout: float = ..., interval: float = ...) -> T: ...
 
 
 @overload
-async def wait_until(cond: Callable[[], T], what: str | Callable[[], str], *,
+async def wait_until(cond: Callable[[], T | None], what: str | Callable[[], str], *,
                      timeout: float = ..., interval: float = ...) -> T: ...
 
 
@@ -61,7 +61,7 @@ async def wait_until(cond: Callable[[], Any], what: str | Callable[[], str], *,
         await asyncio.sleep(interval)
 
 
-def poll_until(cond: Callable[[], T], what: str | Callable[[], str], *,
+def poll_until(cond: Callable[[], T | None], what: str | Callable[[], str], *,
                timeout: float = TIMEOUT_S, interval: float = INTERVAL_S) -> T:
     """``wait_until`` for blocking code: poll ``cond`` until it returns something truthy."""
     deadline = time.monotonic() + timeout

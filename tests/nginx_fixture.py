@@ -20,7 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.servers import free_port, require_binary
+from tests.ci import require_binary
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"

@@ -38,8 +38,9 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.ci import require_binary
 from tests.nginx_fixture import Nginx, nginx_t, render
-from tests.servers import free_port, require_binary
+from tests.servers import free_port
 from tests.test_deploy import (
     BACKEND,
     PROXY,
@@ -47,7 +48,6 @@ from tests.test_deploy import (
     _defined_metrics,
     _exposed,
     _named,
-    _need,
     container,
     deployment,
     env_of,
@@ -727,14 +727,9 @@ def test_monitoring_overlay_scrapes_the_admin_port_of_the_production_pods() -> N
 OPS_DASHBOARD = DEPLOY / "grafana" / "casf-proxy-operations.json"
 OPS_RULES = DEPLOY / "prometheus" / "operations-alerts.yaml"
 # Metrics (and labels) the operations dashboard and alerts use that other work
-# adds to proxy/: casf_mode{mode}, the status label of casf_requests_total, the
-# approval metrics and the telemetry drop counter (reasons: DropReason in
+# adds to proxy/: the telemetry drop counter (reasons: DropReason in
 # proxy/telemetry.py). An entry must be pruned once proxy/ defines it.
 PENDING_METRICS: dict[str, set[str]] = {
-    "casf_mode": {"mode"},
-    "casf_requests_total": {"status"},
-    "casf_approvals_pending": set(),
-    "casf_approvals_total": {"action"},
     "casf_telemetry_spans_dropped_total": {"reason"},
 }
 
@@ -814,7 +809,7 @@ def test_operations_dashboard_structure() -> None:
 
 
 def test_operations_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
-    promtool = _need("promtool")
+    promtool = require_binary("promtool")
     rules = [{"record": f"casf_dashboard:ops{i}",
               "expr": expr.replace("$__rate_interval", "5m").replace("$job", ".+")}
              for i, (where, expr) in enumerate(_ops_expressions()) if where.startswith("panel")]
@@ -841,7 +836,7 @@ def test_operations_alert_rules() -> None:
 
 
 def test_promtool_checks_and_unit_tests_the_operations_rules() -> None:
-    promtool = _need("promtool")
+    promtool = require_binary("promtool")
     here = DEPLOY / "prometheus"
     for args in (["check", "rules", OPS_RULES.name],
                  ["test", "rules", "operations-alerts_test.yaml"]):

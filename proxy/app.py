@@ -39,8 +39,10 @@ from proxy.audit.records import now_iso
 from proxy.audit.sqlite import SqliteAuditSink
 from proxy.config import Config, Mode, load_config, rego_files
 from proxy.core import DecisionCore, trace_context
+from proxy.doors.admin_schema import MODE_CHANGE, admin_api_spec
 from proxy.doors.decisions import DecisionDoors
 from proxy.doors.inline import InlineProxy
+from proxy.doors.schema import validate
 from proxy.embedded.memory import MemoryAdmissionStore, MemoryModeStore, ModeStateFile
 from proxy.envelope import envelope_response
 from proxy.forward import UpstreamClient, new_upstream
@@ -547,7 +549,13 @@ class Runtime:
         app.router.add_put("/admin/mode", self._put_mode)
         app.router.add_post("/admin/identity/reload", self._reload_identity)
         app.router.add_post("/admin/config/reload", self._reload_config)
+        app.router.add_get("/openapi.json", self._openapi)
         return app
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        """This listener's OpenAPI document (the approvals routes when mounted)."""
+        approvals = any(r.canonical == "/approvals" for r in request.app.router.resources())
+        return web.json_response(admin_api_spec(approvals=approvals))
 
     def _admin_envelope(self, request: web.BaseRequest, status: int, reasons: tuple[str, ...],
                         message: str, headers: tuple[tuple[str, str], ...] = (),
@@ -661,8 +669,7 @@ class Runtime:
                                      self.pipeline.policy_hash)
         try:
             body = loads_strict(await request.read())  # duplicate keys are refused
-            if not isinstance(body, dict) or set(body) != {"mode"}:
-                raise ValueError("not {\"mode\": ...}")
+            validate(body, MODE_CHANGE)  # SchemaError is a ValueError
             new = Mode(body["mode"])
         except (JsonRejected, TypeError, ValueError):
             return self._admin_envelope(

@@ -16,10 +16,12 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import schemathesis
@@ -28,9 +30,12 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.case import Case
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    missing_required_header,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from proxy.doors.admin_schema import admin_api_spec
@@ -41,7 +46,8 @@ from tests.waiting import poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance, response_headers_conformance]
+          response_schema_conformance, response_headers_conformance,
+          negative_data_rejection, missing_required_header, unsupported_method]
 BOUNDED = settings(max_examples=50, derandomize=True, deadline=None, database=None,
                    suppress_health_check=list(HealthCheck))
 
@@ -55,6 +61,14 @@ def _ascii_headers(_: schemathesis.HookContext, headers: dict[str, Any] | None) 
     (test_non_ascii_header_value_is_refused_not_a_server_error below), which would
     stop every run at its first such example."""
     return headers is None or all(str(v).isascii() for v in headers.values())
+
+
+def _line_break_in_path(case: Case[Any]) -> bool:
+    """CR/LF in the Envoy door's path: the route pattern does not match them and the
+    listener answers 404 undecided (test_encoded_line_break_in_envoy_path_is_decided);
+    such cases are held there, not here (the coverage phase ignores filter hooks)."""
+    values = [unquote(str(v)) for v in (case.path_parameters or {}).values()]
+    return any("\n" in v or "\r" in v for v in values)
 
 
 def _accepts(port: int) -> bool:
@@ -121,6 +135,8 @@ def test_admin_listener_serves_the_spec_the_code_builds(live: dict[str, str]) ->
 @BOUNDED
 def test_decision_listener_answers_fit_the_spec(case: Case[Any],
                                                 live: dict[str, str]) -> None:
+    if _line_break_in_path(case):
+        return
     case.call_and_validate(base_url=live["decisions"], checks=CHECKS, timeout=10)
 
 
@@ -129,6 +145,8 @@ def test_decision_listener_answers_fit_the_spec(case: Case[Any],
 def test_decision_listener_answers_fit_the_spec_as_a_known_caller(
         case: Case[Any], live: dict[str, str]) -> None:
     """With a valid key the requests get past authentication to the decision itself."""
+    if _line_break_in_path(case):
+        return
     case.call_and_validate(base_url=live["decisions"], checks=CHECKS, timeout=10,
                            headers={"X-API-Key": "demo-receptionist"})
 
@@ -156,3 +174,20 @@ def test_non_ascii_header_value_is_refused_not_a_server_error(
             answer += chunk
     status = int(answer.split(b" ", 2)[1])
     assert status < 500, answer
+
+
+@pytest.mark.xfail(strict=True, reason="the Envoy door's route /authz/envoy/{tail:.*} does "
+                   "not match a decoded line break (proxy/doors/decisions.py): 404, undecided")
+@pytest.mark.parametrize("path", ["/appointments%0A", "/%0D%0Aappointments"])
+def test_encoded_line_break_in_envoy_path_is_decided(live: dict[str, str], path: str) -> None:
+    """Envoy sends the original path as it came, percent-encoding included: the door must
+    decide it (and record the decision) like any other, not answer the router's 404."""
+    req = urllib.request.Request(live["decisions"] + "/authz/envoy" + path,
+                                 headers={"X-API-Key": "demo-receptionist"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    assert status != 404, body
+    assert json.loads(body)["request_id"] is not None  # decided, so recorded

@@ -16,6 +16,8 @@ MODES = ["ALLOW", "STEP_UP", "READ_ONLY", "KILL_SWITCH"]
 _ID_PATTERN = r"^[ -~]{1,255}$"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# the methods an Envoy ext_authz check request may carry (the original request's)
+_ENVOY_METHODS = ("get", "post", "put", "patch", "delete", "options")
 _URI_PATTERN = r"^/[!-~]{0,2047}$"  # origin-form: a path (and query) of visible ASCII
 _ATTRS: dict[str, Any] = {"type": "object", "description": "attribute name to JSON value",
                           "maxProperties": 64}
@@ -165,6 +167,19 @@ def decision_api_spec() -> dict[str, Any]:
                "headers": {h: {"schema": {"type": "string"}} for h in (
                    "X-Casf-Decision", "X-Casf-Tool", "X-Casf-Principal", "X-Casf-Role",
                    "X-Casf-Tenant", "X-Casf-Trace-Id")}}
+
+    def envoy(method: str) -> dict[str, Any]:
+        op: dict[str, Any] = {
+            "summary": "Envoy ext_authz HTTP service: the original method, path and query "
+                       "(and, with with_request_body, body)",
+            "parameters": [{"name": "path", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": allowed, **denied}}
+        if method not in ("get", "delete", "options"):
+            op["requestBody"] = {"required": False, "description": "the original body",
+                                 "content": {"application/json": {"schema": {}}}}
+        return op
+
     return openapi("casf-proxy decision API", {
         "/verify": {"post": {
             "summary": "decide a tool call (casf-core compatible)",
@@ -182,9 +197,5 @@ def decision_api_spec() -> dict[str, Any]:
             "summary": "forward auth (nginx auth_request, Traefik ForwardAuth)",
             "parameters": authz_params,
             "responses": {"200": allowed, **denied}}},
-        "/authz/envoy/{path}": {"get": {
-            "summary": "Envoy ext_authz HTTP service (any method)",
-            "parameters": [{"name": "path", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
-            "responses": {"200": allowed, **denied}}},
+        "/authz/envoy/{path}": {method: envoy(method) for method in _ENVOY_METHODS},
     })

@@ -39,6 +39,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.audit.sqlite import connect, iter_records
 from tests.ci import require_binary
 from tests.conftest import write_config
 from tests.nginx_fixture import Nginx
@@ -161,6 +162,16 @@ async def _send(st: Stack, method: str, path: str, *, key: str | None,
         return resp.status, CIMultiDict(resp.headers), await resp.read()
 
 
+def _decisions(st: Stack) -> list[tuple[str, int, str | None]]:
+    """The forward door's decisions in the audit chain: (decision, status, route)."""
+    conn = connect(st.audit, create=False)
+    try:
+        return [(r["decision"], r["status"], r.get("route")) for r in iter_records(conn)
+                if r.get("via") == "forward"]
+    finally:
+        conn.close()
+
+
 def _allowed(seen: Seen, tool: str, role: str) -> None:
     h = seen.headers
     for name in CASF_HEADERS:
@@ -254,6 +265,9 @@ async def test_rate_limited_read_is_429_with_retry_after(stack: Stack) -> None:
         assert headers.getall("Retry-After") == [str(env["retry_after"])]
         assert int(headers["Retry-After"]) >= 1
     assert len(stack.seen) == 1
+    # one decision per client request: a refusal is served from nginx's kept answer
+    assert [d[:2] for d in _decisions(stack)] == [("ALLOW", 200), ("DENY", 429),
+                                                   ("DENY", 429)]
     # another patient's bucket is untouched
     status, _, raw = await _send(stack, "GET", "/patients/p2/history", key="nurse")
     assert status == 200, raw

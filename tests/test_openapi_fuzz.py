@@ -191,3 +191,11 @@ def test_encoded_line_break_in_envoy_path_is_decided(live: dict[str, str], path:
         status, body = exc.code, exc.read()
     assert status != 404, body
     assert json.loads(body)["request_id"] is not None  # decided, so recorded
+
+
+@ADMIN.parametrize()
+@settings(BOUNDED, max_examples=5)
+def test_admin_listener_answers_fit_the_spec_without_the_token(
+        case: Case[Any], live: dict[str, str]) -> None:
+    """Whatever credential schemathesis makes up: 401 envelopes, or the public routes."""
+    case.call_and_validate(base_url=live["admin"], checks=CHECKS, timeout=10)

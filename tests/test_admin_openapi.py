@@ -39,7 +39,7 @@ def _served(app: web.Application) -> set[tuple[str, str]]:
     out: set[tuple[str, str]] = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource else {}
-        path = str(info.get("path") or info.get("formatter"))
+        path = str(info.get("path") or info.get("formatter") or info.get("prefix"))
         # the console is HTML for people, not part of the API
         if route.method != "HEAD" and path != "/openapi.json" and not path.startswith(
                 CONSOLE):

@@ -26,6 +26,8 @@ from proxy.audit.records import now_iso
 from proxy.config import Mode
 from proxy.console.app import ConsoleDeps, add_console
 from proxy.core import trace_context
+from proxy.doors.admin_schema import MODE_CHANGE, admin_api_spec
+from proxy.doors.schema import validate
 from proxy.envelope import envelope_response
 from proxy.metrics import exposition
 from proxy.model import Verdict
@@ -82,6 +84,7 @@ class AdminApi:
         app.router.add_put("/admin/mode", self._put_mode)
         app.router.add_post("/admin/identity/reload", self._reload_identity)
         app.router.add_post("/admin/config/reload", self._reload_config)
+        app.router.add_get("/openapi.json", self._openapi)
         # approvers act with their own identity (API key, JWT, trusted headers), never
         # the operator token: the approver API and the console (docs/approvals.md)
         auth = identity_authenticator(lambda: self.rt.identity)
@@ -124,6 +127,11 @@ class AdminApi:
                                             (("Allow", exc.headers.get("Allow", "")),))
             return self._admin_envelope(request, exc.status, (Reason.ROUTE_NOT_MAPPED,),
                                         "no such admin resource")
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        """This listener's OpenAPI document (the approvals routes when mounted)."""
+        approvals = any(r.canonical == "/approvals" for r in request.app.router.resources())
+        return web.json_response(admin_api_spec(approvals=approvals))
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -213,8 +221,7 @@ class AdminApi:
                                      self.rt.pipeline.policy_hash)
         try:
             body = loads_strict(await request.read())  # duplicate keys are refused
-            if not isinstance(body, dict) or set(body) != {"mode"}:
-                raise ValueError("not {\"mode\": ...}")
+            validate(body, MODE_CHANGE)  # the published schema; SchemaError is a ValueError
             new = Mode(body["mode"])
         except (JsonRejected, TypeError, ValueError):
             return self._admin_envelope(

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the real servers the tests start are installed: redis-server and
 # redis-cli (Redis tests, a three-master cluster), initdb and pg_ctl
-# (PostgreSQL tests), promtool (alert-rule tests). On a fresh Debian/Ubuntu
+# (PostgreSQL tests), promtool (alert-rule tests), wrk (the benchmark's smoke
+# test), nginx (the sample nginx config in front of a real casf-proxy) and
+# chromium (the approvals console's browser test). On a fresh Debian/Ubuntu
 # machine they come from apt; elsewhere, install them yourself. kubectl (the
 # kustomize builds of deploy/k8s) is part of this machine image; apt has none.
 # The tests skip locally when a binary is missing and fail in CI (CI set to
@@ -16,6 +18,11 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
 fi
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests
 command -v wrk >/dev/null || need+=(wrk)  # the benchmark's smoke test
+command -v nginx >/dev/null || need+=(nginx)  # the sample nginx config, forward auth
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && ! command -v google-chrome >/dev/null; then
+  need+=(chromium)  # the approvals console's browser test
+fi
 for extra in "$@"; do command -v "$extra" >/dev/null || need+=("$extra"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null; then

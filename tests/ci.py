@@ -27,6 +27,7 @@ INSTALL = {
     "promtool": "apt-get install prometheus",
     "wrk": "apt-get install wrk",
     "nginx": "apt-get install nginx",
+    "chromium": "apt-get install chromium",
     "kubectl": "https://kubernetes.io/docs/tasks/tools/ (no apt package)",
     "kustomize": "kubectl (its kustomize subcommand), or https://kubectl.docs.kubernetes.io/",
 }

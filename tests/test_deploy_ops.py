@@ -727,8 +727,7 @@ def test_monitoring_overlay_scrapes_the_admin_port_of_the_production_pods() -> N
 OPS_DASHBOARD = DEPLOY / "grafana" / "casf-proxy-operations.json"
 OPS_RULES = DEPLOY / "prometheus" / "operations-alerts.yaml"
 # Metrics (and labels) the operations dashboard and alerts use that other work
-# adds to proxy/: casf_mode{mode}, the status label of casf_requests_total, the
-# approval metrics and the telemetry drop counter (reasons: DropReason in
+# adds to proxy/: the telemetry drop counter (reasons: DropReason in
 # proxy/telemetry.py). An entry must be pruned once proxy/ defines it.
 PENDING_METRICS: dict[str, set[str]] = {}
 

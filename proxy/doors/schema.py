@@ -15,6 +15,10 @@ from typing import Any
 MODES = ["ALLOW", "STEP_UP", "READ_ONLY", "KILL_SWITCH"]
 _ID_PATTERN = r"^[ -~]{1,255}$"
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# the methods an Envoy ext_authz check request may carry (the original request's)
+_ENVOY_METHODS = ("get", "post", "put", "patch", "delete", "options")
+_URI_PATTERN = r"^/[!-~]{0,2047}$"  # origin-form: a path (and query) of visible ASCII
 _ATTRS: dict[str, Any] = {"type": "object", "description": "attribute name to JSON value",
                           "maxProperties": 64}
 
@@ -122,18 +126,23 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def openapi(title: str, paths: dict[str, Any]) -> dict[str, Any]:
+def openapi(title: str, paths: dict[str, Any], *, schemas: dict[str, Any] | None = None,
+            security_schemes: dict[str, Any] | None = None,
+            security: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An OpenAPI 3.1 document; without ``schemas``/``security_schemes``/``security``,
+    the decision API's."""
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": "1"},
         "components": {
-            "schemas": {"VerifyRequestV1": VERIFY_REQUEST, "VerifyResponseV1": VERIFY_RESPONSE,
-                        "Envelope": ENVELOPE},
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header",
-                                           "name": "X-API-Key"},
-                                "bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas if schemas is not None else {
+                "VerifyRequestV1": VERIFY_REQUEST, "VerifyResponseV1": VERIFY_RESPONSE,
+                "Envelope": ENVELOPE},
+            "securitySchemes": security_schemes if security_schemes is not None else {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "security": [{"apiKey": []}, {"bearer": []}],
+        "security": security if security is not None else [{"apiKey": []}, {"bearer": []}],
         "paths": paths,
     }
 
@@ -145,14 +154,32 @@ def _envelope(description: str) -> dict[str, Any]:
 
 def decision_api_spec() -> dict[str, Any]:
     denied = {str(s): _envelope("the envelope") for s in (400, 401, 403, 409, 413, 429, 503)}
-    authz_params = [{"name": "X-Original-Method", "in": "header", "schema": {"type": "string"}},
-                    {"name": "X-Original-URI", "in": "header", "schema": {"type": "string"}},
-                    {"name": "X-Forwarded-Method", "in": "header", "schema": {"type": "string"}},
-                    {"name": "X-Forwarded-Uri", "in": "header", "schema": {"type": "string"}}]
+    method = {"type": "string", "enum": _METHODS,
+              "description": "the original request's method (GET when absent)"}
+    uri = {"type": "string", "pattern": _URI_PATTERN, "examples": ["/appointments?day=1"],
+           "description": "the original request's path and query; one of X-Original-URI "
+                          "and X-Forwarded-Uri is required (400 BadRequest_MissingOriginalUri)"}
+    authz_params = [{"name": "X-Original-Method", "in": "header", "schema": method},
+                    {"name": "X-Original-URI", "in": "header", "schema": uri},
+                    {"name": "X-Forwarded-Method", "in": "header", "schema": method},
+                    {"name": "X-Forwarded-Uri", "in": "header", "schema": uri}]
     allowed = {"description": "allow; X-Casf-* headers name the decision",
                "headers": {h: {"schema": {"type": "string"}} for h in (
                    "X-Casf-Decision", "X-Casf-Tool", "X-Casf-Principal", "X-Casf-Role",
                    "X-Casf-Tenant", "X-Casf-Trace-Id")}}
+
+    def envoy(method: str) -> dict[str, Any]:
+        op: dict[str, Any] = {
+            "summary": "Envoy ext_authz HTTP service: the original method, path and query "
+                       "(and, with with_request_body, body)",
+            "parameters": [{"name": "path", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": allowed, **denied}}
+        if method not in ("get", "delete", "options"):
+            op["requestBody"] = {"required": False, "description": "the original body",
+                                 "content": {"application/json": {"schema": {}}}}
+        return op
+
     return openapi("casf-proxy decision API", {
         "/verify": {"post": {
             "summary": "decide a tool call (casf-core compatible)",
@@ -170,9 +197,5 @@ def decision_api_spec() -> dict[str, Any]:
             "summary": "forward auth (nginx auth_request, Traefik ForwardAuth)",
             "parameters": authz_params,
             "responses": {"200": allowed, **denied}}},
-        "/authz/envoy/{path}": {"get": {
-            "summary": "Envoy ext_authz HTTP service (any method)",
-            "parameters": [{"name": "path", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
-            "responses": {"200": allowed, **denied}}},
+        "/authz/envoy/{path}": {method: envoy(method) for method in _ENVOY_METHODS},
     })

@@ -69,7 +69,7 @@ class UpstreamConfig:
     read_timeout_s: float = 60.0
     pool_size: int = 100
     forward_credentials: bool = False
-    pool_timeout_s: float = 1.0  # waiting for a free pool connection
+    pool_timeout_s: float = 10.0  # waiting for a free pool connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,7 +553,10 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         timeout_s=r.number(up, "timeout_ms", "upstream", 10_000, 1) / 1000,
         read_timeout_s=r.number(up, "read_timeout_ms", "upstream", 60_000, 1) / 1000,
         pool_size=r.integer(up, "pool_size", "upstream", 100, 1),
-        pool_timeout_s=r.number(up, "pool_timeout_ms", "upstream", 1000, 1) / 1000,
+        # default: as long as the upstream may take to answer (a burst larger than
+        # the pool waits, it is not refused)
+        pool_timeout_s=r.number(up, "pool_timeout_ms", "upstream",
+                                r.number(up, "timeout_ms", "upstream", 10_000, 1), 1) / 1000,
         forward_credentials=r.boolean(up, "forward_credentials", "upstream", False),
     )
 

@@ -403,7 +403,8 @@ class Runtime:
                             metrics=self.metrics)
         pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
                                consumed_headers=ident.consumed_headers,
-                               stripped_headers=ident.stripped_headers)
+                               stripped_headers=ident.stripped_headers,
+                               mcp_sessions=prev.pipeline.mcp_sessions if prev else None)
         return _Generation(cfg, pipeline, engine, identity, session)
 
     async def _close_generations(self) -> None:

@@ -11,18 +11,21 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import yaml
 
 from proxy.logs import redact_url
 from proxy.routing import OverlapError, RouteTable, Template, TemplateError, passthrough_covers
 from proxy.settings import Environment
+
+if TYPE_CHECKING:  # proxy.mcp.config builds on AttributeSpec: imported where it is parsed
+    from proxy.mcp.config import McpEndpoint
 
 
 class ConfigError(Exception):
@@ -245,6 +248,8 @@ class PolicyConfig:
     engine: Literal["regorus", "opa"] = "regorus"
     opa: OpaConfig | None = None
     decision_cache_size: int = 10_000  # in-process engine only; 0 disables
+    # further documents the bundle must define (``mcp[].list_query``), checked when loaded
+    documents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +351,7 @@ class Config:
     decisions_listener: Listener | None = None
     decisions: DecisionsConfig = DecisionsConfig()
     mode_state_path: Path | None = None  # mode.state_path (None only in hand-built configs)
+    mcp: tuple[McpEndpoint, ...] = ()  # MCP endpoints on the traffic listener (docs/mcp.md)
 
     @property
     def replay_lease_s(self) -> float:
@@ -468,7 +474,7 @@ class _Reader:
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
-             "shutdown", "reload", "decisions"}
+             "shutdown", "reload", "decisions", "mcp"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -645,8 +651,10 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     routes = tuple(_route(r, i, raw, enforce_default, identity.credential_headers)
                    for i, raw in enumerate(r.seq(top, "routes", "")))
-    if not routes:
-        r.fail("routes", "no routes are configured", "map at least one method + path to a tool")
+    mcp = _mcp(r, top.get("mcp"), routes)
+    if not routes and not mcp:
+        r.fail("routes", "no routes are configured",
+               "map at least one method + path to a tool (or an MCP endpoint under mcp)")
     try:
         table = RouteTable.build((rt.method, Template.parse(rt.path), rt) for rt in routes)
     except OverlapError as exc:
@@ -673,6 +681,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
                        "remove the entry, or narrow it so that no route's path falls under it "
                        "(serve public files from a prefix of their own, e.g. /static/)")
         passthrough.append(text)
+    _mcp_paths(r, mcp, table, passthrough)
 
     sd = r.mapping(top.get("shutdown"), "shutdown")
     r.known(sd, "shutdown", {"delay_ms", "drain_timeout_ms"})
@@ -689,6 +698,9 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     decisions = _decisions(r, top.get("decisions"), routes, enforce_default)
 
+    if mcp:  # the policy engine must define every list_query document (checked when it loads)
+        policy = replace(policy, documents=tuple(sorted({ep.list_query for ep in mcp
+                                                          if ep.list_query})))
     digest = hashlib.sha256(src.read_bytes() + policy.policy_hash.encode()).hexdigest()
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
@@ -699,7 +711,45 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         digest=digest, shutdown=shutdown, reload=reload,
         decisions_listener=decisions_listener, decisions=decisions,
         mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
+        mcp=mcp,
     )
+
+
+def _mcp(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...]) -> tuple[McpEndpoint, ...]:
+    """The ``mcp:`` section (docs/mcp.md). A tool a route also maps must have the
+    route's effect: the policy sees the same tool either way."""
+    from proxy.mcp.config import McpConfigError, parse_mcp
+
+    try:
+        endpoints = parse_mcp(raw, "mcp", expand=r.expand)
+    except McpConfigError as exc:
+        raise ConfigError(r.file, exc.path, exc.problem, exc.fix) from None
+    effects = {rt.tool: (rt.effect, rt.index) for rt in reversed(routes)}
+    for ep in endpoints:
+        for name, tool in ep.tools.items():
+            known = effects.get(tool.tool)
+            if known is not None and known[0] != tool.effect:
+                r.fail(f"mcp[{ep.index}].tools.{name}.effect",
+                       f"{tool.tool} is a {known[0]} in routes[{known[1]}]",
+                       f"effect: {known[0]}, so that both are decided alike")
+    return endpoints
+
+
+def _mcp_paths(r: _Reader, mcp: tuple[McpEndpoint, ...], table: RouteTable[RouteConfig],
+               passthrough: list[str]) -> None:
+    """An MCP endpoint's path belongs to it alone: no route, no passthrough prefix."""
+    for ep in mcp:
+        p = f"mcp[{ep.index}].path"
+        for method in sorted(table.methods()):
+            match = table.match(method, ep.path)
+            if match is not None:
+                r.fail(p, f"{ep.path!r} is also the path of routes[{match.value.index}] "
+                       f"({method} {match.value.path})",
+                       "give the MCP endpoint a path of its own")
+        for prefix in passthrough:
+            if ep.path == prefix or (prefix.endswith("/") and ep.path.startswith(prefix)):
+                r.fail(p, f"{ep.path!r} falls under unmatched.passthrough {prefix!r}",
+                       "give the MCP endpoint a path outside the passthrough prefixes")
 
 
 def _decisions(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...],

@@ -16,6 +16,14 @@ each request's scheduled time). Reports req/s, p50/p90/p99/p99.9, errors,
 ratios against the direct backend and the bare proxy, RSS of each process,
 and checks that the audit trail holds one ALLOW decision per forwarded request.
 Prints a table and writes bench/results/latest.json.
+
+Target ``mcp`` (in ``--targets``): the MCP example server
+(examples/mcp/server.py, JSON answers, stateless) reached directly
+(``mcp-direct``) and through casf-proxy's MCP door on examples/mcp/casf.yaml
+(``mcp``, embedded defaults): ``tools/call`` of ``list_appointments`` (read)
+and ``create_appointment`` (write, unique ``Idempotency-Key``) at the fixed
+rate ``--mcp-rate`` (the SDK server is far slower than the clinic backend),
+decisions/s and latency percentiles, in the same run as the REST routes.
 """
 
 from __future__ import annotations
@@ -133,6 +141,56 @@ def fixed_rate(url: str, route: str, rate: float, duration: float) -> dict[str, 
     # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
     got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
     return got
+
+
+MCP_CALLS = {"read": ("list_appointments", {}),
+             "write": ("create_appointment", {"patient_id": "p1",
+                                              "slot": "2026-11-23T10:00:00Z"})}
+
+
+def fixed_rate_mcp(url: str, route: str, rate: float, duration: float) -> dict[str, Any]:
+    tool, arguments = MCP_CALLS[route]
+    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + "/mcp", "--rate", str(rate),
+            "--duration", str(duration), "--json", "--mcp-tool", tool,
+            "--mcp-args", json.dumps(arguments)]
+    if route == "write":
+        args.append("--write")
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    got = dict(json.loads(out))
+    got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
+    return got
+
+
+def run_mcp(tmp: Path, routes: list[str], rate: float, duration: float) -> list[Result]:
+    """The MCP example server directly and behind casf-proxy's MCP door, at a fixed rate."""
+    results: list[Result] = []
+    with ExitStack() as per:
+        server_port, port, admin = free_port(), free_port(), free_port()
+        server = per.enter_context(process(
+            [PY, "examples/mcp/server.py", "--port", str(server_port), "--json",
+             "--stateless"], server_port))
+        direct = f"http://127.0.0.1:{server_port}"
+        env = {"MCP_UPSTREAM": direct, "CASF_PORT": str(port), "CASF_ADMIN_PORT": str(admin),
+               "CASF_LOG_LEVEL": "warning", "CASF_SHUTDOWN_DELAY_MS": "0",
+               "CASF_AUDIT_PATH": str(tmp / "mcp.db")}
+        proxy = per.enter_context(process(
+            [PY, "-m", "proxy.cli", "run", "-c", "examples/mcp/casf.yaml"], port, env,
+            tmp / "mcp.log"))
+        for target, url, procs in (("mcp-direct", direct, {"server": server}),
+                                   ("mcp", f"http://127.0.0.1:{port}",
+                                    {"server": server, "proxy": proxy})):
+            for route in routes:
+                fr = fixed_rate_mcp(url, route, rate, duration)
+                res = Result(target, route, rps=fr["achieved_rate"], p50_ms=fr["p50_ms"],
+                             p90_ms=fr["p90_ms"], p99_ms=fr["p99_ms"], errors=fr["errors"],
+                             requests=fr["requests"], fixed_rate=fr,
+                             rss_mb={n: round(rss_mb(p.pid), 1) for n, p in procs.items()})
+                results.append(res)
+                print(f"{target:10} {route:5} tools/call at {rate:.0f}/s: "
+                      f"{fr['achieved_rate']} decisions/s  p50 {fr['p50_ms']} p99 "
+                      f"{fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms errors {fr['errors']}",
+                      flush=True)
+    return results
 
 
 def upstream_received(upstream: str) -> int:
@@ -299,6 +357,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="casf-proxy run --workers N for the redis and full targets")
     ap.add_argument("--rate-duration", type=float, default=10.0)
+    ap.add_argument("--mcp-rate", type=float, default=200.0,
+                    help="fixed-rate load of the mcp target (tools/call per second)")
     ap.add_argument("--routes", default="read,write")
     ap.add_argument("--soak-requests", type=int, default=0,
                     help="instead of the throughput and fixed-rate runs: load each target "
@@ -324,6 +384,10 @@ def main() -> int:
             [PY, "examples/clinic/backend.py", "--port", str(backend_port)], backend_port))
         upstream = f"http://127.0.0.1:{backend_port}"
         for target in targets:
+            if target == "mcp":
+                if not a.soak_requests:
+                    results += run_mcp(tmp, routes, a.mcp_rate, a.rate_duration)
+                continue
             with ExitStack() as per:
                 url, procs, dsn = start_target(per, target, backend, upstream, tmp, a.workers)
                 if dsn is not None:
@@ -357,6 +421,8 @@ def main() -> int:
           f"\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, b = base.get((r.route, "direct")), base.get((r.route, "bare"))
+        if r.target.startswith("mcp"):  # against the MCP server, not the clinic backend
+            d, b = base.get((r.route, "mcp-direct")), None
         fr = r.fixed_rate
         print(f"| {r.target} | {r.route} | {r.rps:.0f} | {r.rps / d if d else float('nan'):.2f} "
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
@@ -377,7 +443,8 @@ def main() -> int:
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"duration_s": a.duration, "connections": a.connections,
-                     "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration},
+                     "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration,
+                     "mcp_rate": a.mcp_rate},
         "results": [asdict(r) for r in results], "soak": soaks, "audit": audit_checks},
         indent=2))
     print(f"\nwritten to {a.out}")

@@ -131,32 +131,24 @@ def wrk(url: str, route: str, duration: float, connections: int) -> dict[str, fl
             "p99_ms": _ms(pct.get("99", "")), "errors": errors, "requests": total}
 
 
-def fixed_rate(url: str, route: str, rate: float, duration: float) -> dict[str, Any]:
-    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + "/appointments", "--rate", str(rate),
-            "--duration", str(duration), "--json"]
-    if route == "write":
-        args.append("--write")
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    got = dict(json.loads(out))
-    # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
-    got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
-    return got
-
-
 MCP_CALLS = {"read": ("list_appointments", {}),
              "write": ("create_appointment", {"patient_id": "p1",
                                               "slot": "2026-11-23T10:00:00Z"})}
 
 
-def fixed_rate_mcp(url: str, route: str, rate: float, duration: float) -> dict[str, Any]:
-    tool, arguments = MCP_CALLS[route]
-    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + "/mcp", "--rate", str(rate),
-            "--duration", str(duration), "--json", "--mcp-tool", tool,
-            "--mcp-args", json.dumps(arguments)]
+def fixed_rate(url: str, route: str, rate: float, duration: float, *,
+               mcp: bool = False) -> dict[str, Any]:
+    """bench/loadgen.py on the route (with ``mcp``: tools/call on the MCP endpoint)."""
+    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + ("/mcp" if mcp else "/appointments"),
+            "--rate", str(rate), "--duration", str(duration), "--json"]
+    if mcp:
+        tool, arguments = MCP_CALLS[route]
+        args += ["--mcp-tool", tool, "--mcp-args", json.dumps(arguments)]
     if route == "write":
         args.append("--write")
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     got = dict(json.loads(out))
+    # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
     got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
     return got
 
@@ -180,7 +172,7 @@ def run_mcp(tmp: Path, routes: list[str], rate: float, duration: float) -> list[
                                    ("mcp", f"http://127.0.0.1:{port}",
                                     {"server": server, "proxy": proxy})):
             for route in routes:
-                fr = fixed_rate_mcp(url, route, rate, duration)
+                fr = fixed_rate(url, route, rate, duration, mcp=True)
                 res = Result(target, route, rps=fr["achieved_rate"], p50_ms=fr["p50_ms"],
                              p90_ms=fr["p90_ms"], p99_ms=fr["p99_ms"], errors=fr["errors"],
                              requests=fr["requests"], fixed_rate=fr,

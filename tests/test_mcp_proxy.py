@@ -345,6 +345,36 @@ async def test_other_methods_are_denied_unless_listed(stack: Stack) -> None:
     assert (await stack.server.seen())["requests"] == []
 
 
+async def test_unknown_tools_allow_decides_an_unmapped_tool_as_itself(
+        tmp_path: Path, mcp_server: McpServer) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        ep = d["mcp"][0]
+        ep["unknown_tools"] = "allow"
+        del ep["list_query"]
+        del ep["tools"]["generate_invoice"]
+        ep["methods"] = ["resources/*"]
+
+    async with make_stack(tmp_path, mcp_server, patch) as proxy:
+        s = Stack(proxy, mcp_server)
+        async with s.client("billing") as client:  # no list_query: every tool is shown
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "generate_invoice" in names and "send_sms" in names
+        status, _, doc = await s.post(call("generate_invoice", {"patient_id": "p1",
+                                                                "amount_cents": 5}, msg_id=1),
+                                      key="billing", headers={"Mcp-Name": "generate_invoice"})
+        # decided as the tool "generate_invoice" (a write): the policy knows no such tool
+        assert status == 403
+        assert error_of(doc)["data"]["tool"] == "generate_invoice"
+        assert "Tool_Unknown" in error_of(doc)["data"]["reason_codes"]
+        assert await s.tool_calls_seen() == []
+        body = {"jsonrpc": "2.0", "id": 2, "method": "resources/list",
+                "params": {"_meta": META}}
+        status, _, doc = await s.post(body, method="resources/list")
+        assert status == 200 and doc["id"] == 2  # listed under methods: forwarded
+        seen = (await mcp_server.seen())["requests"]
+        assert [r["method"] for r in seen][-1] == "resources/list"
+
+
 # ------------------------------------------------------------ sessions
 
 

@@ -126,8 +126,8 @@ class InlineProxy:
         # 1. parse & bound
         verdict = core.check_head(ex, request.raw_headers, request.raw_path)
         # an MCP endpoint's path: its own door (JSON-RPC), never the route table
-        endpoint = self.mcp.endpoint(ex.target.path) if verdict is None and self.mcp else None
-        if endpoint is not None and self.mcp is not None:
+        if verdict is None and self.mcp is not None and (
+                endpoint := self.mcp.endpoint(ex.target.path)) is not None:
             return await self.mcp.handle(request, ex, endpoint, claim)
         if verdict is None:
             body = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)

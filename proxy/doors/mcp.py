@@ -564,7 +564,9 @@ class _ListFilter:
         return await self._events(events)
 
     async def close(self) -> bytes:
-        return await self._events(self.parser.close_events()) + self.parser.tail()
+        # an event left open at the end is never dispatched by a reader; it is
+        # dropped rather than passed on unfiltered
+        return await self._events(self.parser.close_events())
 
 
 def mcp_door_for(cfg: Config, core: DecisionCore, *, metrics: Metrics,

@@ -179,6 +179,7 @@ async def test_allowed_read_and_write_reach_the_server_and_are_recorded(
     assert isinstance(write["jsonrpc_id"], str)
     assert write["attrs"]["subject"] == {"patient_id": "p1"}
     assert write["attrs"]["args"] == {"slot": "2026-11-23T10:00:00Z"}
+    assert write["mcp_tool"] == "create_appointment"
     assert [o["ref"] for o in done] == [d["event_id"] for d in decisions]
     assert all(o["result_error"] is False and o["status"] == 200 for o in done[-2:])
     assert all(len(o["response_sha256"]) == 64 and o["response_bytes"] > 0 for o in done)
@@ -505,6 +506,14 @@ async def test_require_request_id_refuses_a_call_without_the_key(
                                       headers={"Mcp-Name": "list_appointments"})
         assert status == 400 and doc["id"] == "r"
         assert error_of(doc)["data"]["reason_codes"] == ["BadRequest_MissingRequestId"]
+        status, _, doc = await s.post(call("list_appointments", {}, msg_id="u"), key=None,
+                                      headers={"Mcp-Name": "list_appointments"})
+        assert status == 401  # who is asking comes first
+        status, _, doc = await s.post(call("list_appointments", {}, msg_id="b"),
+                                      headers={"Mcp-Name": "list_appointments",
+                                               "Idempotency-Key": "k" * 300})
+        assert status == 400
+        assert error_of(doc)["data"]["reason_codes"] == ["BadRequest_InvalidRequestId"]
         status, _, _ = await s.post(call("list_appointments", {}, msg_id="r"),
                                     headers={"Mcp-Name": "list_appointments",
                                              "Idempotency-Key": "k"})

@@ -236,6 +236,8 @@ class McpDoor:
         except McpRejected as exc:
             return await self._refuse(ex, exc)
         ex.record_extra.update(mcp_method=msg.method, jsonrpc_id=msg.id_text)
+        if msg.tool_name is not None:  # the name called, mapped or not (never an argument)
+            ex.record_extra["mcp_tool"] = msg.tool_name
         try:
             check_headers(msg, request.headers.items(), self._param_bindings(ep, msg, ex))
         except McpRejected as exc:
@@ -292,10 +294,10 @@ class McpDoor:
         # the JSON-RPC id changes on every retry)
         keys = ex.headers.getall(IDEMPOTENCY_HEADER, [])
         key = parse_request_id(keys[0]) if len(keys) == 1 else None
-        if keys and key is None:
-            return await self._deny_message(ex, ep, msg, _BAD_KEY)
-        if key is None and ep.require_request_id:
-            return await self._deny_message(ex, ep, msg, _NEED_KEY)
+        if (keys and key is None) or (key is None and ep.require_request_id):
+            # who is asking comes first, as on a route (401 before 400)
+            verdict = await self._authenticate(ex) or (_BAD_KEY if keys else _NEED_KEY)
+            return await self._deny_message(ex, ep, msg, verdict)
         if key is not None:
             ex.request_id = key
         ex.idempotency = DoorIdempotency(key, fingerprint_input(msg))

@@ -420,6 +420,24 @@ async def test_a_session_presented_by_another_caller_is_unknown(stack: Stack) ->
     assert [r["status"] for r in pings] == [404, 200, 404]
 
 
+async def test_a_session_binding_survives_a_config_reload(stack: Stack) -> None:
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}}
+    headers = {"Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json", "X-API-Key": "demo-nurse"}
+    session = stack.proxy.session
+    async with session.post(stack.url, json=init, headers=headers) as r:
+        sid = r.headers["Mcp-Session-Id"]
+    before = stack.proxy.rt.pipeline
+    assert await stack.proxy.rt.reload("test")
+    assert stack.proxy.rt.pipeline is not before  # a new generation serves now
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    async with session.post(stack.url, json=ping, headers={
+            **headers, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}) as r:
+        assert r.status == 200
+
+
 # ------------------------------------------------------------ modes
 
 

@@ -9,6 +9,7 @@ refused call never does.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +280,9 @@ async def test_an_unauthenticated_call_is_401_and_never_forwarded(stack: Stack) 
     assert (await stack.server.seen())["requests"] == []
 
 
-async def test_header_mismatch_is_refused(stack: Stack) -> None:
+async def test_header_mismatch_is_refused(stack: Stack,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     status, _, doc = await stack.post(call("list_appointments", {}, msg_id=6),
                                       headers={"Mcp-Name": "send_sms"})
     assert status == 400 and doc["id"] == 6
@@ -296,6 +299,8 @@ async def test_header_mismatch_is_refused(stack: Stack) -> None:
     refused = [r for r in stack.records() if r["reason_codes"] == ["Mcp_HeaderMismatch"]]
     assert len(refused) == 2
     assert all("p2" not in orjson.dumps(r).decode() for r in refused)  # never recorded
+    assert "'via': 'mcp'" in caplog.text  # the access log lines were captured
+    assert "p2" not in caplog.text  # nor logged
 
 
 MALFORMED: list[tuple[str, bytes, int, str]] = [

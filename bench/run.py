@@ -105,6 +105,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
@@ -137,8 +143,9 @@ MCP_CALLS = {"read": ("list_appointments", {}),
 
 
 def fixed_rate(url: str, route: str, rate: float, duration: float, *,
-               mcp: bool = False) -> dict[str, Any]:
-    """bench/loadgen.py on the route (with ``mcp``: tools/call on the MCP endpoint)."""
+               mcp: bool = False, proxy: int | None = None) -> dict[str, Any]:
+    """bench/loadgen.py on the route (with ``mcp``: tools/call on the MCP endpoint);
+    with ``proxy`` (its pid), also the proxy's CPU time per request sent."""
     args = [PY, str(ROOT / "bench" / "loadgen.py"), url + ("/mcp" if mcp else "/appointments"),
             "--rate", str(rate), "--duration", str(duration), "--json"]
     if mcp:
@@ -146,8 +153,12 @@ def fixed_rate(url: str, route: str, rate: float, duration: float, *,
         args += ["--mcp-tool", tool, "--mcp-args", json.dumps(arguments)]
     if route == "write":
         args.append("--write")
+    cpu_before = cpu_s(proxy) if proxy is not None else 0.0
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     got = dict(json.loads(out))
+    if proxy is not None:  # the generator's 2 s warm-up included: every request sent
+        sent = rate * (2.0 + duration)
+        got["proxy_cpu_ms_per_request"] = round((cpu_s(proxy) - cpu_before) * 1000 / sent, 3)
     # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
     got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
     return got
@@ -168,11 +179,14 @@ def run_mcp(tmp: Path, routes: list[str], rate: float, duration: float) -> list[
         proxy = per.enter_context(process(
             [PY, "-m", "proxy.cli", "run", "-c", "examples/mcp/casf.yaml"], port, env,
             tmp / "mcp.log"))
-        for target, url, procs in (("mcp-direct", direct, {"server": server}),
-                                   ("mcp", f"http://127.0.0.1:{port}",
-                                    {"server": server, "proxy": proxy})):
-            for route in routes:
-                fr = fixed_rate(url, route, rate, duration, mcp=True)
+        targets = (("mcp-direct", direct, {"server": server}),
+                   ("mcp", f"http://127.0.0.1:{port}", {"server": server, "proxy": proxy}))
+        # route by route, so both targets meet the server in the same state (the
+        # writes add appointments that list_appointments then returns)
+        for route in routes:
+            for target, url, procs in targets:
+                fr = fixed_rate(url, route, rate, duration, mcp=True,
+                                proxy=procs["proxy"].pid if "proxy" in procs else None)
                 res = Result(target, route, rps=fr["achieved_rate"], p50_ms=fr["p50_ms"],
                              p90_ms=fr["p90_ms"], p99_ms=fr["p99_ms"], errors=fr["errors"],
                              requests=fr["requests"], fixed_rate=fr,
@@ -180,7 +194,8 @@ def run_mcp(tmp: Path, routes: list[str], rate: float, duration: float) -> list[
                 results.append(res)
                 print(f"{target:10} {route:5} tools/call at {rate:.0f}/s: "
                       f"{fr['achieved_rate']} decisions/s  p50 {fr['p50_ms']} p99 "
-                      f"{fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms errors {fr['errors']}",
+                      f"{fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms errors {fr['errors']}"
+                      f" proxy CPU {fr.get('proxy_cpu_ms_per_request', '-')} ms/request",
                       flush=True)
     return results
 
@@ -394,13 +409,16 @@ def main() -> int:
                     wrk(url, route, a.warmup, a.connections)
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
-                    res.fixed_rate = fr = fixed_rate(url, route, a.rate, a.rate_duration)
+                    res.fixed_rate = fr = fixed_rate(
+                        url, route, a.rate, a.rate_duration,
+                        proxy=procs["proxy"].pid if "proxy" in procs else None)
                     res.rss_mb = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
                     results.append(res)
                     print(f"{target:9} {route:5} {res.rps:9.0f} req/s  p50 {res.p50_ms:6.2f} ms"
                           f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors} | at {a.rate:.0f}/s:"
                           f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
-                          f" errors {fr['errors']}", flush=True)
+                          f" errors {fr['errors']} proxy CPU "
+                          f"{fr.get('proxy_cpu_ms_per_request', '-')} ms/request", flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
                     allows, refused = audit_allows(target, tmp, dsns.get(target))

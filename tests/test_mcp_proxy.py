@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -568,6 +569,30 @@ async def test_redis_down_fails_writes_closed_and_passes_reads(
             "reason_codes"]
         assert [c["tool"] for c in await mcp_server.calls()] == ["send_sms",
                                                                  "list_appointments"]
+
+
+async def test_no_audit_record_no_forward(tmp_path: Path, mcp_server: McpServer) -> None:
+    def patch(d: dict[str, Any]) -> None:
+        d["audit"]["timeout_ms"] = 300
+
+    async with make_stack(tmp_path, mcp_server, patch) as proxy:
+        s = Stack(proxy, mcp_server)
+        locker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            status, headers, doc = await s.post(call("list_appointments", {}, msg_id=1),
+                                                headers={"Mcp-Name": "list_appointments"})
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert error_of(doc)["code"] == -32010
+            assert error_of(doc)["data"]["reason_codes"] == ["FAIL_CLOSED", "Audit_Unavailable"]
+            assert error_of(doc)["data"]["retry_after"] == 1
+            status, _, doc = await s.post(None, raw=b"[]")  # a refusal that cannot be recorded
+            assert status == 503
+            assert error_of(doc)["data"]["reason_codes"] == ["FAIL_CLOSED", "Audit_Unavailable"]
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert (await mcp_server.seen())["requests"] == []
 
 
 # ------------------------------------------------------------ one policy, two doors

@@ -65,6 +65,7 @@ from proxy.mcp.listing import (
     visibility_input,
 )
 from proxy.mcp.protocol import (
+    DENIED,
     INTERNAL_ERROR,
     INVALID_REQUEST,
     McpMessage,
@@ -356,7 +357,7 @@ class McpDoor:
         assert decided.verdict is not None
         doc, shown, headers = self._envelope(ex, decided.verdict)
         if decided.verdict is not verdict:  # the audit store refused: its 503 answers
-            status, body = decided.verdict.status, error_body(exc.id, INVALID_REQUEST, doc)
+            status, body = decided.verdict.status, error_body(exc.id, DENIED, doc)
         else:
             status, body = rejection_answer(exc, doc)
         return self._json(ex, status, body, headers), shown.decision, status, shown.reasons
@@ -373,7 +374,7 @@ class McpDoor:
                         verdict: Verdict) -> Answer:
         doc, shown, headers = self._envelope(ex, verdict)
         if verdict.status == 404:  # an unknown session: the client must see the 404
-            status, body = 404, error_body(msg.id, -32010, doc)
+            status, body = 404, error_body(msg.id, DENIED, doc)
         else:
             status, body = deny_answer(msg, doc, ep)
         if status == 200:  # a tool error: nothing of the refusal is in HTTP terms

@@ -1,6 +1,7 @@
 """Open-loop HTTP/1.1 load at a fixed rate, for latency percentiles.
 
     python bench/loadgen.py URL --rate 1000 --duration 10 [--write] [--json]
+    python bench/loadgen.py URL/mcp --mcp-tool list_appointments [--write] ...
 
 Closed-loop tools (wrk) wait for a response before sending the next request,
 so a slow server lowers the offered load and hides its own latency
@@ -8,6 +9,10 @@ so a slow server lowers the offered load and hides its own latency
 whatever happened before, on a pool of keep-alive connections (a new one is
 opened when all are busy), and measures each latency from the request's
 *scheduled* time. Write requests carry a unique ``Idempotency-Key``.
+
+With ``--mcp-tool NAME`` each request is an MCP ``tools/call`` of NAME (a
+2026-07-28 message: no session, the mirrored ``Mcp-*`` headers set, a new
+JSON-RPC id each time) with ``--mcp-args`` as its arguments, POSTed to URL.
 
 Output: achieved rate, p50/p90/p99/p99.9/max in ms, status counts, errors.
 """
@@ -75,13 +80,44 @@ class Pool:
         self.idle.append(conn)
 
 
-def build(method: str, host: str, path: str, api_key: str, write: bool) -> bytes:
+MCP_VERSION = "2026-07-28"
+
+
+@dataclass(frozen=True)
+class McpCall:
+    """A ``tools/call`` to send instead of the REST request."""
+
+    tool: str
+    arguments: dict[str, object]
+
+    def body(self, msg_id: int) -> bytes:
+        meta = {"io.modelcontextprotocol/protocolVersion": MCP_VERSION,
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        return json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+                           "params": {"name": self.tool, "arguments": self.arguments,
+                                      "_meta": meta}}).encode()
+
+    def headers(self) -> list[str]:
+        out = ["Accept: application/json, text/event-stream", f"MCP-Protocol-Version: "
+               f"{MCP_VERSION}", "Mcp-Method: tools/call", f"Mcp-Name: {self.tool}"]
+        if isinstance(self.arguments.get("patient_id"), str):  # the example's x-mcp-header
+            out.append(f"Mcp-Param-PatientId: {self.arguments['patient_id']}")
+        return out
+
+
+def build(method: str, host: str, path: str, api_key: str, write: bool,
+          mcp: McpCall | None = None, seq: int = 0) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"X-API-Key: {api_key}"]
     body = b""
-    if write:
+    if mcp is not None:
+        body = mcp.body(seq)
+        lines += mcp.headers()
+    elif write:
         body = BODY
-        lines += ["Content-Type: application/json", f"Idempotency-Key: {uuid.uuid4().hex}",
-                  f"Content-Length: {len(body)}"]
+    if body:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    if write:
+        lines.append(f"Idempotency-Key: {uuid.uuid4().hex}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -103,11 +139,11 @@ async def one(pool: Pool, request: bytes, scheduled: float, stats: Stats) -> Non
 
 
 async def run(url: str, rate: float, duration: float, write: bool, api_key: str,
-              warmup: float) -> dict[str, object]:
+              warmup: float, mcp: McpCall | None = None) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path or "/"
-    method = "POST" if write else "GET"
+    method = "POST" if write or mcp is not None else "GET"
     pool = Pool(host, port)
     warm = Stats()
     stats = Stats()
@@ -121,7 +157,7 @@ async def run(url: str, rate: float, duration: float, write: bool, api_key: str,
             await asyncio.sleep(delay)
         target = warm if i < rate * warmup else stats
         task = asyncio.create_task(one(pool, build(method, f"{host}:{port}", path, api_key,
-                                                   write), scheduled, target))
+                                                   write, mcp, i), scheduled, target))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     sent_for = time.perf_counter() - start - warmup
@@ -148,8 +184,11 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--api-key", default=os.environ.get("BENCH_API_KEY", "demo-receptionist"))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--mcp-tool", help="send MCP tools/call messages of this tool")
+    ap.add_argument("--mcp-args", default="{}", help="the tool's arguments as JSON")
     a = ap.parse_args()
-    res = uvloop.run(run(a.url, a.rate, a.duration, a.write, a.api_key, a.warmup))
+    mcp = McpCall(a.mcp_tool, json.loads(a.mcp_args)) if a.mcp_tool else None
+    res = uvloop.run(run(a.url, a.rate, a.duration, a.write, a.api_key, a.warmup, mcp))
     print(json.dumps(res) if a.json else json.dumps(res, indent=2))
 
 

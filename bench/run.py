@@ -16,6 +16,14 @@ each request's scheduled time). Reports req/s, p50/p90/p99/p99.9, errors,
 ratios against the direct backend and the bare proxy, RSS of each process,
 and checks that the audit trail holds one ALLOW decision per forwarded request.
 Prints a table and writes bench/results/latest.json.
+
+Target ``mcp`` (in ``--targets``): the MCP example server
+(examples/mcp/server.py, JSON answers, stateless) reached directly
+(``mcp-direct``) and through casf-proxy's MCP door on examples/mcp/casf.yaml
+(``mcp``, embedded defaults): ``tools/call`` of ``list_appointments`` (read)
+and ``create_appointment`` (write, unique ``Idempotency-Key``) at the fixed
+rate ``--mcp-rate`` (the SDK server is far slower than the clinic backend),
+decisions/s and latency percentiles, in the same run as the REST routes.
 """
 
 from __future__ import annotations
@@ -97,6 +105,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
@@ -123,16 +137,67 @@ def wrk(url: str, route: str, duration: float, connections: int) -> dict[str, fl
             "p99_ms": _ms(pct.get("99", "")), "errors": errors, "requests": total}
 
 
-def fixed_rate(url: str, route: str, rate: float, duration: float) -> dict[str, Any]:
-    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + "/appointments", "--rate", str(rate),
-            "--duration", str(duration), "--json"]
+MCP_CALLS = {"read": ("list_appointments", {}),
+             "write": ("create_appointment", {"patient_id": "p1",
+                                              "slot": "2026-11-23T10:00:00Z"})}
+
+
+def fixed_rate(url: str, route: str, rate: float, duration: float, *,
+               mcp: bool = False, proxy: int | None = None) -> dict[str, Any]:
+    """bench/loadgen.py on the route (with ``mcp``: tools/call on the MCP endpoint);
+    with ``proxy`` (its pid), also the proxy's CPU time per request sent."""
+    args = [PY, str(ROOT / "bench" / "loadgen.py"), url + ("/mcp" if mcp else "/appointments"),
+            "--rate", str(rate), "--duration", str(duration), "--json"]
+    if mcp:
+        tool, arguments = MCP_CALLS[route]
+        args += ["--mcp-tool", tool, "--mcp-args", json.dumps(arguments)]
     if route == "write":
         args.append("--write")
+    cpu_before = cpu_s(proxy) if proxy is not None else 0.0
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     got = dict(json.loads(out))
+    if proxy is not None:  # the generator's 2 s warm-up included: every request sent
+        sent = rate * (2.0 + duration)
+        got["proxy_cpu_ms_per_request"] = round((cpu_s(proxy) - cpu_before) * 1000 / sent, 3)
     # as wrk's "Non-2xx or 3xx responses": a refusal (e.g. 503 under overload) is an error
     got["errors"] += sum(n for status, n in got["statuses"].items() if not 200 <= int(status) < 400)
     return got
+
+
+def run_mcp(tmp: Path, routes: list[str], rate: float, duration: float) -> list[Result]:
+    """The MCP example server directly and behind casf-proxy's MCP door, at a fixed rate."""
+    results: list[Result] = []
+    with ExitStack() as per:
+        server_port, port, admin = free_port(), free_port(), free_port()
+        server = per.enter_context(process(
+            [PY, "examples/mcp/server.py", "--port", str(server_port), "--json",
+             "--stateless"], server_port))
+        direct = f"http://127.0.0.1:{server_port}"
+        env = {"MCP_UPSTREAM": direct, "CASF_PORT": str(port), "CASF_ADMIN_PORT": str(admin),
+               "CASF_LOG_LEVEL": "warning", "CASF_SHUTDOWN_DELAY_MS": "0",
+               "CASF_AUDIT_PATH": str(tmp / "mcp.db")}
+        proxy = per.enter_context(process(
+            [PY, "-m", "proxy.cli", "run", "-c", "examples/mcp/casf.yaml"], port, env,
+            tmp / "mcp.log"))
+        targets = (("mcp-direct", direct, {"server": server}),
+                   ("mcp", f"http://127.0.0.1:{port}", {"server": server, "proxy": proxy}))
+        # route by route, so both targets meet the server in the same state (the
+        # writes add appointments that list_appointments then returns)
+        for route in routes:
+            for target, url, procs in targets:
+                fr = fixed_rate(url, route, rate, duration, mcp=True,
+                                proxy=procs["proxy"].pid if "proxy" in procs else None)
+                res = Result(target, route, rps=fr["achieved_rate"], p50_ms=fr["p50_ms"],
+                             p90_ms=fr["p90_ms"], p99_ms=fr["p99_ms"], errors=fr["errors"],
+                             requests=fr["requests"], fixed_rate=fr,
+                             rss_mb={n: round(rss_mb(p.pid), 1) for n, p in procs.items()})
+                results.append(res)
+                print(f"{target:10} {route:5} tools/call at {rate:.0f}/s: "
+                      f"{fr['achieved_rate']} decisions/s  p50 {fr['p50_ms']} p99 "
+                      f"{fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms errors {fr['errors']}"
+                      f" proxy CPU {fr.get('proxy_cpu_ms_per_request', '-')} ms/request",
+                      flush=True)
+    return results
 
 
 def upstream_received(upstream: str) -> int:
@@ -299,6 +364,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="casf-proxy run --workers N for the redis and full targets")
     ap.add_argument("--rate-duration", type=float, default=10.0)
+    ap.add_argument("--mcp-rate", type=float, default=200.0,
+                    help="fixed-rate load of the mcp target (tools/call per second)")
     ap.add_argument("--routes", default="read,write")
     ap.add_argument("--soak-requests", type=int, default=0,
                     help="instead of the throughput and fixed-rate runs: load each target "
@@ -324,6 +391,10 @@ def main() -> int:
             [PY, "examples/clinic/backend.py", "--port", str(backend_port)], backend_port))
         upstream = f"http://127.0.0.1:{backend_port}"
         for target in targets:
+            if target == "mcp":
+                if not a.soak_requests:
+                    results += run_mcp(tmp, routes, a.mcp_rate, a.rate_duration)
+                continue
             with ExitStack() as per:
                 url, procs, dsn = start_target(per, target, backend, upstream, tmp, a.workers)
                 if dsn is not None:
@@ -338,13 +409,16 @@ def main() -> int:
                     wrk(url, route, a.warmup, a.connections)
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
-                    res.fixed_rate = fr = fixed_rate(url, route, a.rate, a.rate_duration)
+                    res.fixed_rate = fr = fixed_rate(
+                        url, route, a.rate, a.rate_duration,
+                        proxy=procs["proxy"].pid if "proxy" in procs else None)
                     res.rss_mb = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
                     results.append(res)
                     print(f"{target:9} {route:5} {res.rps:9.0f} req/s  p50 {res.p50_ms:6.2f} ms"
                           f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors} | at {a.rate:.0f}/s:"
                           f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
-                          f" errors {fr['errors']}", flush=True)
+                          f" errors {fr['errors']} proxy CPU "
+                          f"{fr.get('proxy_cpu_ms_per_request', '-')} ms/request", flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
                     allows, refused = audit_allows(target, tmp, dsns.get(target))
@@ -357,6 +431,8 @@ def main() -> int:
           f"\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, b = base.get((r.route, "direct")), base.get((r.route, "bare"))
+        if r.target.startswith("mcp"):  # against the MCP server, not the clinic backend
+            d, b = base.get((r.route, "mcp-direct")), None
         fr = r.fixed_rate
         print(f"| {r.target} | {r.route} | {r.rps:.0f} | {r.rps / d if d else float('nan'):.2f} "
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
@@ -377,7 +453,8 @@ def main() -> int:
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"duration_s": a.duration, "connections": a.connections,
-                     "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration},
+                     "fixed_rate": a.rate, "fixed_rate_duration_s": a.rate_duration,
+                     "mcp_rate": a.mcp_rate},
         "results": [asdict(r) for r in results], "soak": soaks, "audit": audit_checks},
         indent=2))
     print(f"\nwritten to {a.out}")

@@ -316,7 +316,8 @@ class Runtime:
                             self.telemetry.enabled else None)
         pipeline = InlineProxy(cfg, core, metrics=self.metrics, upstream=session.value,
                                consumed_headers=ident.consumed_headers,
-                               stripped_headers=ident.stripped_headers)
+                               stripped_headers=ident.stripped_headers,
+                               mcp_sessions=prev.pipeline.mcp_sessions if prev else None)
         return Generation(cfg, pipeline, engine, identity, session)
 
     async def _close_generations(self) -> None:

@@ -12,12 +12,12 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import yaml
 
@@ -26,6 +26,9 @@ from proxy.logs import redact_url
 from proxy.routing import OverlapError, RouteTable, Template, TemplateError, passthrough_covers
 from proxy.settings import Environment
 from proxy.telemetry import TelemetryConfig
+
+if TYPE_CHECKING:  # proxy.mcp.config builds on AttributeSpec: imported where it is parsed
+    from proxy.mcp.config import McpEndpoint
 
 
 class ConfigError(Exception):
@@ -256,6 +259,8 @@ class PolicyConfig:
     # the policy files' bytes as read once at load: policy_hash is over these, and
     # the in-process engine compiles these, never a second read of the files
     sources: tuple[tuple[Path, bytes], ...] = field(default=(), compare=False, repr=False)
+    # further documents the bundle must define (``mcp[].list_query``), checked when loaded
+    documents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +367,7 @@ class Config:
     approvals: ApprovalsConfig | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     mode_state_path: Path | None = None  # mode.state_path (None only in hand-built configs)
+    mcp: tuple[McpEndpoint, ...] = ()  # MCP endpoints on the traffic listener (docs/mcp.md)
 
     @property
     def replay_lease_s(self) -> float:
@@ -484,7 +490,7 @@ class _Reader:
 
 _TOP_KEYS = {"listen", "upstream", "limits", "identity", "mode", "replay", "rate_limits",
              "budgets", "redis", "policy", "audit", "routes", "unmatched", "defaults",
-             "shutdown", "reload", "decisions", "approvals", "telemetry"}
+             "shutdown", "reload", "decisions", "approvals", "telemetry", "mcp"}
 _ROUTE_KEYS = {"method", "path", "tool", "effect", "attributes", "required", "enforce",
                "fail_mode", "allow_in_kill_switch", "resource_tenant", "websocket"}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -684,8 +690,10 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
 
     routes = tuple(_route(r, i, raw, enforce_default, identity.credential_headers)
                    for i, raw in enumerate(r.seq(top, "routes", "")))
-    if not routes:
-        r.fail("routes", "no routes are configured", "map at least one method + path to a tool")
+    mcp = _mcp(r, top.get("mcp"), routes)
+    if not routes and not mcp:
+        r.fail("routes", "no routes are configured",
+               "map at least one method + path to a tool (or an MCP endpoint under mcp)")
     try:
         table = RouteTable.build((rt.method, Template.parse(rt.path), rt) for rt in routes)
     except OverlapError as exc:
@@ -712,6 +720,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
                        "remove the entry, or narrow it so that no route's path falls under it "
                        "(serve public files from a prefix of their own, e.g. /static/)")
         passthrough.append(text)
+    _mcp_paths(r, mcp, table, passthrough)
 
     sd = r.mapping(top.get("shutdown"), "shutdown")
     r.known(sd, "shutdown", {"delay_ms", "drain_timeout_ms"})
@@ -733,6 +742,9 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         r.fail(exc.path, exc.problem)
     telemetry = _telemetry(r, top.get("telemetry"), r.env.otel_exporter_otlp_endpoint)
 
+    if mcp:  # the policy engine must define every list_query document (checked when it loads)
+        policy = replace(policy, documents=tuple(sorted({ep.list_query for ep in mcp
+                                                          if ep.list_query})))
     digest = _config_hash(config_bytes, policy.policy_hash, identity)
     return Config(
         source=src, traffic=traffic, admin=admin, upstream=upstream, limits=limits,
@@ -744,6 +756,7 @@ def _build(r: _Reader, top: Mapping[str, Any], src: Path, base: Path,
         decisions_listener=decisions_listener, decisions=decisions, approvals=approvals,
         telemetry=telemetry,
         mode_state_path=mode_state_path or audit.sqlite_path.parent / "casf-mode.json",
+        mcp=mcp,
     )
 
 
@@ -804,6 +817,43 @@ def _telemetry(r: _Reader, raw: Any, env_endpoint: str | None) -> TelemetryConfi
     except ValueError as exc:
         key, _, problem = str(exc).partition(": ")
         r.fail(key, redact_url(problem))
+
+
+def _mcp(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...]) -> tuple[McpEndpoint, ...]:
+    """The ``mcp:`` section (docs/mcp.md). A tool a route also maps must have the
+    route's effect: the policy sees the same tool either way."""
+    from proxy.mcp.config import McpConfigError, parse_mcp
+
+    try:
+        endpoints = parse_mcp(raw, "mcp", expand=r.expand)
+    except McpConfigError as exc:
+        raise ConfigError(r.file, exc.path, exc.problem, exc.fix) from None
+    effects = {rt.tool: (rt.effect, rt.index) for rt in reversed(routes)}
+    for ep in endpoints:
+        for name, tool in ep.tools.items():
+            known = effects.get(tool.tool)
+            if known is not None and known[0] != tool.effect:
+                r.fail(f"mcp[{ep.index}].tools.{name}.effect",
+                       f"{tool.tool} is a {known[0]} in routes[{known[1]}]",
+                       f"effect: {known[0]}, so that both are decided alike")
+    return endpoints
+
+
+def _mcp_paths(r: _Reader, mcp: tuple[McpEndpoint, ...], table: RouteTable[RouteConfig],
+               passthrough: list[str]) -> None:
+    """An MCP endpoint's path belongs to it alone: no route, no passthrough prefix."""
+    for ep in mcp:
+        p = f"mcp[{ep.index}].path"
+        for method in sorted(table.methods()):
+            match = table.match(method, ep.path)
+            if match is not None:
+                r.fail(p, f"{ep.path!r} is also the path of routes[{match.value.index}] "
+                       f"({method} {match.value.path})",
+                       "give the MCP endpoint a path of its own")
+        for prefix in passthrough:
+            if ep.path == prefix or (prefix.endswith("/") and ep.path.startswith(prefix)):
+                r.fail(p, f"{ep.path!r} falls under unmatched.passthrough {prefix!r}",
+                       "give the MCP endpoint a path outside the passthrough prefixes")
 
 
 def _decisions(r: _Reader, raw: Any, routes: tuple[RouteConfig, ...],

@@ -76,6 +76,22 @@ class Verdict:
     approval: Mapping[str, Any] | None = None  # the envelope's "approval" (NEEDS_APPROVAL)
 
 
+@dataclass(frozen=True, slots=True)
+class DoorIdempotency:
+    """A door's own idempotency rules, used by the admission stage instead of the
+    request-id headers and the request body (MCP: the JSON-RPC envelope changes on
+    every retry, the tool call does not).
+
+    ``request_id``: the caller's key, or None: then the request is processed
+    without replay protection, a write included (the door enforces any
+    requirement itself). ``fingerprint_body``: the canonical bytes the
+    fingerprint covers in place of the body.
+    """
+
+    request_id: str | None
+    fingerprint_body: bytes
+
+
 @dataclass(slots=True)
 class Exchange:
     """Mutable per-request state; each stage fills in its part."""
@@ -113,6 +129,7 @@ class Exchange:
     record_extra: dict[str, Any] = field(default_factory=dict)  # added to decision records
     approval: Any = None  # the approved approval this request carries (proxy.approvals)
     span: Any = NO_SPAN  # the request's trace span (proxy.telemetry.RequestSpan)
+    idempotency: DoorIdempotency | None = None  # a door's own rules (MCP), see the class
 
     @property
     def tool(self) -> str:

@@ -97,25 +97,29 @@ class OpaEngine:
         log.warning("OPA %s: %s (%s)", kind.value, detail, self._endpoint)
         return PolicyUnavailable(f"opa {kind.value}: {detail}")
 
-    async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
+    async def _post(self, url: str, policy_input: Mapping[str, Any]) -> bytes:
+        """OPA's answer to ``{"input": policy_input}`` at ``url``; raises PolicyUnavailable."""
         session = self._session
         if session is None:
             raise self._unavailable(OpaError.UNAVAILABLE, "engine not started")
         payload = orjson.dumps({"input": policy_input})
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                async with session.post(self._endpoint, data=payload,
+                async with session.post(url, data=payload,
                                         headers={"Content-Type": "application/json"},
                                         allow_redirects=False) as resp:
                     if resp.status != 200:
                         raise self._unavailable(OpaError.BAD_STATUS, f"HTTP {resp.status}")
-                    body = await read_capped(resp.content, MAX_RESPONSE_BYTES)
+                    return await read_capped(resp.content, MAX_RESPONSE_BYTES)
         except TimeoutError as exc:
             raise self._unavailable(OpaError.TIMEOUT,
                                     f"no answer within {self.cfg.timeout_s * 1000:.0f} ms"
                                     ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise self._unavailable(OpaError.UNAVAILABLE, type(exc).__name__) from exc
+
+    async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
+        body = await self._post(self._endpoint, policy_input)
         if len(body) > MAX_RESPONSE_BYTES:
             raise self._unavailable(OpaError.BAD_RESPONSE, "response too large")
         try:
@@ -132,6 +136,17 @@ class OpaEngine:
         if result.error is not None:
             self._metrics.opa_errors.labels(OpaError.BAD_RESPONSE.value).inc()
         return result
+
+    async def query_true(self, query: str, policy_input: Mapping[str, Any]) -> bool:
+        """Whether ``query`` (``data.a.b``) is ``true`` for ``policy_input`` in OPA;
+        undefined or any other value is false. Raises :class:`PolicyUnavailable`."""
+        body = await self._post(f"{self.cfg.url}/v1/data/{'/'.join(query.split('.')[1:])}",
+                                policy_input)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(doc, dict) and doc.get("result") is True
 
     async def healthy(self) -> bool:
         """OPA's own ``GET /health`` (readiness), and the decision document exists."""

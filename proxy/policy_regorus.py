@@ -51,17 +51,34 @@ def load_modules(files: tuple[Any, ...], rego_v0: bool) -> list[Module]:
     return modules
 
 
-def new_engine(files: tuple[Any, ...], rego_v0: bool, query: str | None = None) -> Any:
+def document_problem(modules: list[Module], query: str) -> str | None:
+    """Why ``query`` (a further document such as an MCP ``list_query``) names no rule
+    of these modules, or None: it must be a rule, or a path inside a rule's value."""
+    want = tuple(query.split(".")[1:])
+    if any(want[:len(p)] == p for p in (m.package + r for m in modules for r in m.rules)):
+        return None
+    packages = ", ".join(sorted({"data." + ".".join(m.package) for m in modules})) or "none"
+    return (f"{query} names no rule of the policy (its packages: {packages}); define it, "
+            "e.g. `default visible := false` in the package it names")
+
+
+def new_engine(files: tuple[Any, ...], rego_v0: bool, query: str | None = None,
+               documents: tuple[str, ...] = ()) -> Any:
     """An engine holding ``files``, evaluating as OPA does (docs/policy-engine.md).
 
     Negated expressions are given the guards OPA's compiler would add
     (:func:`proxy.rego_ast.rewrite_negations`). With ``query``, a bundle that
     cannot answer it (no such document, or no ``allow`` in it) is refused with
-    :class:`PolicyQueryError`.
+    :class:`PolicyQueryError`; so is one that defines no rule for one of
+    ``documents``.
     """
     modules = load_modules(files, rego_v0)
     if query is not None:
         problem = query_problem(modules, query)
+        if problem is not None:
+            raise PolicyQueryError(problem)
+    for doc in documents:
+        problem = document_problem(modules, doc)
         if problem is not None:
             raise PolicyQueryError(problem)
     rules: dict[tuple[str, ...], set[str]] = {}
@@ -157,7 +174,8 @@ class RegorusEngine:
     """
 
     def __init__(self, cfg: PolicyConfig) -> None:
-        self._engine = new_engine(cfg.sources or cfg.files, cfg.rego_v0, cfg.query)
+        self._engine = new_engine(cfg.sources or cfg.files, cfg.rego_v0, cfg.query,
+                                  cfg.documents)
         self._query = cfg.query
         self._hash = cfg.policy_hash
         self._cache: OrderedDict[bytes, PolicyResult] = OrderedDict()
@@ -198,6 +216,16 @@ class RegorusEngine:
 
     async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult:
         return self.evaluate_sync(policy_input)
+
+    async def query_true(self, query: str, policy_input: Mapping[str, Any]) -> bool:
+        """Whether ``query`` is ``true`` for ``policy_input`` (undefined, any other value
+        or an evaluation error: false)."""
+        try:
+            self._engine.set_input_json(orjson.dumps(policy_input).decode())
+            raw = orjson.loads(self._engine.eval_query_as_json(query))
+            return bool(raw["result"][0]["expressions"][0]["value"] is True)
+        except Exception:
+            return False
 
     def close(self) -> None:
         """Drop the engine now, on the event loop's thread.

@@ -198,6 +198,11 @@ class PolicyEngine(Protocol):
 
     async def evaluate(self, policy_input: Mapping[str, Any]) -> PolicyResult: ...
 
+    async def query_true(self, query: str, policy_input: Mapping[str, Any]) -> bool:
+        """Whether another document of the policy (``data.casf.visible``) is ``true``
+        for ``policy_input``; undefined is false."""
+        ...
+
 
 # ------------------------------------------------------------ audit
 

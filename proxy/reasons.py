@@ -71,6 +71,7 @@ class Reason(StrEnum):
     MCP_INVALID_PARAMS = "Mcp_InvalidParams"
     MCP_HEADER_MISMATCH = "Mcp_HeaderMismatch"
     MCP_METHOD_NOT_ALLOWED = "Mcp_MethodNotAllowed"
+    MCP_SESSION_UNKNOWN = "Mcp_SessionUnknown"
     # cross-cutting
     FAIL_CLOSED = "FAIL_CLOSED"
     INTERNAL_ERROR = "Internal_Error"

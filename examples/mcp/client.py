@@ -40,9 +40,17 @@ async def run(url: str, key: str, tool: str, arguments: dict[str, Any],
             print(f"{tool}: refused ({exc.code}) {envelope.get('decision', '')} "
                   f"{envelope.get('reason_codes', [])}: {exc.message}")
             return 1
-        text = " ".join(getattr(c, "text", "") for c in result.content)
+        text = " ".join(one_line(getattr(c, "text", "")) for c in result.content)
         print(f"{tool}: {'error' if result.is_error else 'ok'}: {text}")
         return 1 if result.is_error else 0
+
+
+def one_line(text: str) -> str:
+    """A JSON text content (the SDK indents it) on one line; other text as it is."""
+    try:
+        return json.dumps(json.loads(text))
+    except ValueError:
+        return text
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Mode
 from proxy.core import NOT_MAPPED, Decision, DecisionCore
-from proxy.doors.inline import peer_of, read_body
 from proxy.doors.schema import VERIFY_REQUEST, SchemaError, decision_api_spec, validate
+from proxy.doors.upstream import peer_of, read_body
 from proxy.envelope import envelope_response
 from proxy.metrics import Metrics
 from proxy.model import Exchange, Verdict

@@ -13,7 +13,6 @@ DENY and an audit record; an error never forwards.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -21,12 +20,21 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.claims import ClaimHandle
 from proxy.config import Config
 from proxy.core import INTERNAL, NOT_MAPPED, Decision, DecisionCore
+from proxy.doors.mcp import McpSessions, mcp_door_for
+from proxy.doors.upstream import (
+    Answer,
+    outcome_record,
+    peer_of,
+    read_body,
+    relay,
+    shown_verdict,
+    upstream_call,
+)
 from proxy.doors.websocket import WebSocketRelay, upgrade_verdict
 from proxy.envelope import envelope_response
 from proxy.forward import (
@@ -43,68 +51,6 @@ from proxy.stages import Stage
 
 errlog = logging.getLogger("casf.pipeline")
 
-_UNREACHABLE = Verdict("DENY", 502, (Reason.UPSTREAM_UNAVAILABLE,), "the upstream is unreachable",
-                       shadowable=False)
-_CONNECTION_FAILED = Verdict("DENY", 502, (Reason.UPSTREAM_UNAVAILABLE,),
-                             "the upstream connection failed", shadowable=False)
-_TIMED_OUT = Verdict("DENY", 504, (Reason.UPSTREAM_TIMEOUT,),
-                     "the upstream did not answer in time", shadowable=False)
-_BUSY = Verdict("DENY", 503, (Reason.UPSTREAM_BUSY,), "no upstream connection became free in time",
-                (("Retry-After", "1"),), shadowable=False)
-
-# what a request ends with: the response, and the decision, status and reason
-# codes for the access log and the request metrics
-Answer = tuple[web.StreamResponse, str, int, tuple[str, ...]]
-
-
-def peer_of(request: web.BaseRequest) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "unknown"
-
-
-async def read_body(request: web.BaseRequest, max_bytes: int, timeout_s: float
-                    ) -> bytes | Verdict:
-    """The whole body within ``max_bytes`` and ``timeout_s``, or the verdict refusing it.
-
-    ``Expect: 100-continue`` gets its interim answer before the body is read
-    (aiohttp's low-level server does not send it); any other expectation is 417.
-    """
-    too_large = Verdict("DENY", 413, (Reason.REQUEST_TOO_LARGE,),
-                        f"request body exceeds {max_bytes} bytes",
-                        (("Connection", "close"),), shadowable=False)
-    length = request.content_length
-    if length is not None and length > max_bytes:
-        return too_large
-    if not request.body_exists:
-        return b""
-    content = request.content
-    expect = request.headers.get("Expect")
-    if expect is not None and request.version >= (1, 1):
-        if expect.strip().lower() != "100-continue":
-            return Verdict("DENY", 417, (Reason.EXPECTATION_FAILED,),
-                           "only Expect: 100-continue is supported",
-                           (("Connection", "close"),), shadowable=False)
-        if not content.is_eof():
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the real response has not started
-    if content.is_eof():  # the whole body arrived with the headers: no read to time
-        body = content.read_nowait()
-        return too_large if len(body) > max_bytes else body
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in content.iter_chunked(65536):
-                total += len(chunk)
-                if total > max_bytes:
-                    return too_large
-                chunks.append(chunk)
-    except TimeoutError:
-        return Verdict("DENY", 408, (Reason.BODY_TIMEOUT,), "request body read timed out",
-                       (("Connection", "close"),), shadowable=False)
-    return b"".join(chunks)
 
 
 class InlineProxy:
@@ -112,18 +58,23 @@ class InlineProxy:
 
     def __init__(self, cfg: Config, core: DecisionCore, *, metrics: Metrics,
                  upstream: UpstreamClient, consumed_headers: tuple[str, ...],
-                 stripped_headers: tuple[str, ...] = ()) -> None:
+                 stripped_headers: tuple[str, ...] = (),
+                 mcp_sessions: McpSessions | None = None) -> None:
         self.cfg = cfg
         self.core = core
         self.trail = core.trail
         self.metrics = metrics
-        self.session = upstream.session
-        self.pool = upstream.gate
+        self.upstream = upstream
         self.consumed = consumed_headers
         self.stripped = stripped_headers  # never forwarded (trusted identity headers)
         self.base_url = cfg.upstream.url
         self.websocket = WebSocketRelay(cfg, core.trail, metrics, upstream, consumed_headers,
                                         stripped_headers, self._envelope)
+        # the MCP endpoints (docs/mcp.md); their sessions outlive a config reload
+        self.mcp_sessions = mcp_sessions if mcp_sessions is not None else McpSessions()
+        self.mcp = mcp_door_for(cfg, core, metrics=metrics, upstream=upstream,
+                                consumed_headers=consumed_headers,
+                                stripped_headers=stripped_headers, sessions=self.mcp_sessions)
 
     # what tests and the runtime read of a generation
     @property
@@ -177,6 +128,10 @@ class InlineProxy:
         core, limits = self.core, self.cfg.limits
         # 1. parse & bound
         verdict = core.check_head(ex, request.raw_headers, request.raw_path)
+        # an MCP endpoint's path: its own door (JSON-RPC), never the route table
+        if verdict is None and self.mcp is not None and (
+                endpoint := self.mcp.endpoint(ex.target.path)) is not None:
+            return await self.mcp.handle(request, ex, endpoint, claim)
         if verdict is None:
             body = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
             verdict = body if isinstance(body, Verdict) else core.take_body(ex, body)
@@ -222,16 +177,10 @@ class InlineProxy:
         return self._envelope(ex, decided.verdict)
 
     def _envelope(self, ex: Exchange, verdict: Verdict) -> Answer:
-        reasons = (*verdict.reasons, *ex.extra_reasons)
-        extra: tuple[tuple[str, str], ...] = ()
-        if verdict.status == 503 and not any(k == "Retry-After" for k, _ in verdict.headers):
-            extra = (("Retry-After", "1"),)
-        shown = verdict if not ex.extra_reasons else Verdict(
-            verdict.decision, verdict.status, reasons, verdict.message, verdict.headers,
-            verdict.shadowable)
+        shown, extra = shown_verdict(ex, verdict)
         return (envelope_response(shown, ex.tool, ex.request_id, ex.trace_id,
                                   self.core.policy_hash, extra),
-                verdict.decision, verdict.status, reasons)
+                verdict.decision, verdict.status, shown.reasons)
 
     def _replayed(self, ex: Exchange, outcome: StoredOutcome) -> web.Response:
         """A stored upstream outcome again (its replay record is committed)."""
@@ -255,65 +204,19 @@ class InlineProxy:
         # would be re-quoted by the client (``%3B`` sent as ``;``, ``%7E`` as ``~``)
         url = URL(self.base_url + ex.target.path_and_query, encoded=True)
         started = time.perf_counter()
-        # a free pool slot, within upstream.pool_timeout_ms: a wait that gives up
-        # never reached the upstream (503, the claim is released), and is never
-        # reported as a connect timeout
-        try:
-            async with asyncio.timeout(self.cfg.upstream.pool_timeout_s):
-                await self.pool.acquire()
-        except TimeoutError:
-            if claim is not None:
-                await claim.release()
-            return await self._upstream_failed(ex, _BUSY, started)
-        try:
-            return await self._send(request, ex, url, headers, started, claim)
-        finally:
-            self.pool.release()
-
-    async def _send(self, request: web.BaseRequest, ex: Exchange, url: URL,
-                    headers: CIMultiDict[str], started: float, claim: ClaimHandle | None
-                    ) -> Answer:
-        ex.forwarded = True
-        try:
-            with ex.span.stage("upstream") as span:
-                traceparent = span.traceparent()
-                if traceparent is not None:  # the upstream's parent is the upstream span
-                    headers["traceparent"] = traceparent
-                async with asyncio.timeout(self.cfg.upstream.timeout_s):
-                    upstream = await self.session.request(
-                        ex.method, url, data=ex.body if ex.body else None, headers=headers,
-                        allow_redirects=False)
-        except aiohttp.ClientConnectorError:
-            if claim is not None:  # never reached the upstream: a retry is evaluated afresh
-                await claim.release()
-            return await self._upstream_failed(ex, _UNREACHABLE, started)
-        except TimeoutError:
-            if claim is not None:  # the upstream may have acted
-                claim.abandon()
-            return await self._upstream_failed(ex, _TIMED_OUT, started)
-        except aiohttp.ClientError:
-            if claim is not None:
-                claim.abandon()
-            return await self._upstream_failed(ex, _CONNECTION_FAILED, started)
-        self.metrics.upstream_duration.observe(time.perf_counter() - started)
-        response = await self._stream_back(request, ex, upstream, started, claim)
-        return response, "ALLOW", upstream.status, ()
+        async with upstream_call(self.upstream, self.cfg.upstream, ex, url, headers,
+                                 claim) as upstream:
+            if isinstance(upstream, Verdict):
+                return await self._upstream_failed(ex, upstream, started)
+            self.metrics.upstream_duration.observe(time.perf_counter() - started)
+            response = await self._stream_back(request, ex, upstream, started, claim)
+            return response, "ALLOW", upstream.status, ()
 
     async def _upstream_failed(self, ex: Exchange, verdict: Verdict, started: float) -> Answer:
         latency = round((time.perf_counter() - started) * 1000, 3)
-        self.trail.record_later(ex, self._outcome(ex, verdict.status, latency, None, 0,
-                                                  verdict.reasons))
+        self.trail.record_later(ex, outcome_record(self.trail, ex, verdict.status, latency,
+                                                   None, 0, verdict.reasons))
         return self._envelope(ex, verdict)
-
-    def _outcome(self, ex: Exchange, status: int, latency_ms: float, digest: str | None,
-                 size: int, reasons: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
-        """A compact outcome record: what happened, and the decision it refers to."""
-        record = self.trail.build(ex, "outcome", "ALLOW", status, reasons, {
-            "ref": ex.decision_ref or None, "latency_ms": latency_ms,
-            "response_sha256": digest, "response_bytes": size, **extra})
-        for name in ("attrs", "body_sha256", "shadow", "key_id", "mode"):
-            record.pop(name, None)  # all in the decision record it refers to
-        return record
 
     async def _stream_back(self, request: web.BaseRequest, ex: Exchange,
                            upstream: aiohttp.ClientResponse, started: float,
@@ -327,61 +230,20 @@ class InlineProxy:
         if ex.budget_warnings:
             out.headers["X-Casf-Budget-Warning"] = ", ".join(ex.budget_warnings)
         digest = hashlib.sha256()
-        keep = claim is not None
-        limit = self.cfg.replay.max_stored_body_bytes
-        captured = bytearray()
-        complete = True
-        size = 0
-        client_gone = False
-        abandoned = False  # stopped reading before the upstream's end
-        try:
-            await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                size += len(chunk)
-                digest.update(chunk)
-                if keep and complete:
-                    if len(captured) + len(chunk) <= limit:
-                        captured += chunk
-                    else:
-                        complete = False
-                if client_gone:
-                    # nobody reads the rest: keep reading only while the stored
-                    # replay still wants it (bounded by its size cap), then let go
-                    if not (keep and complete):
-                        abandoned = True
-                        break
-                    continue
-                try:
-                    await out.write(chunk)
-                except (ConnectionError, aiohttp.ClientConnectionResetError):
-                    client_gone = True
-                    if not (keep and complete):
-                        abandoned = True
-                        break
-            if not client_gone:
-                await out.write_eof()
-        except (aiohttp.ClientError, TimeoutError):
-            complete = False
-            abandoned = True
-            errlog.warning("upstream response broke off (trace %s)", ex.trace_id)
-        finally:
-            if abandoned:
-                complete = False
-                upstream.close()  # an unread connection is never handed to the next request
-            else:
-                upstream.release()
+        got = await relay(request, out, upstream, ex, keep=claim is not None,
+                          limit=self.cfg.replay.max_stored_body_bytes, feed=digest.update)
         if claim is not None:
             await claim.complete(StoredOutcome(upstream.status, replay_headers(upstream.headers),
-                                               bytes(captured) if complete else b"", complete))
+                                               got.captured, got.complete))
         latency = round((time.perf_counter() - started) * 1000, 3)
         extra: dict[str, Any] = {}
-        if abandoned:  # the digest and byte count cover what was read, not the whole
+        if got.abandoned:  # the digest and byte count cover what was read, not the whole
             extra["response_truncated"] = True
-        if client_gone:
+        if got.client_gone:
             extra["client_gone"] = True
         # the decision record was committed before the forward: the outcome
         # record is committed in the background, so the connection's next
         # request does not wait for a second commit (flush() waits at shutdown)
-        self.trail.record_later(ex, self._outcome(ex, upstream.status, latency,
-                                                  digest.hexdigest(), size, **extra))
+        self.trail.record_later(ex, outcome_record(self.trail, ex, upstream.status, latency,
+                                                   digest.hexdigest(), got.size, **extra))
         return out

@@ -47,14 +47,18 @@ class AdmissionStage:
     async def check(self, ex: Exchange) -> Verdict | None:
         route = ex.route
         assert route is not None and ex.principal is not None
-        # 5. the request id (a claim is needed on write routes)
-        rid = (ex.door_request_id if ex.door_request_id is not None
+        # 5. the request id (a claim is needed on write routes); a door with its own
+        # idempotency rules (MCP, see DoorIdempotency) names the id and the fingerprinted
+        # bytes itself, and may send a write without an id (no replay protection)
+        own = ex.idempotency
+        rid = (own.request_id if own is not None
+               else ex.door_request_id if ex.door_request_id is not None
                else client_request_id(ex, self.replay.request_id_headers))
         if isinstance(rid, Verdict):
             return rid
         scope = state_scope(ex.principal.tenant, ex.principal.id)
         claim: Claim | None = None
-        if route.effect == "write" and rid is None:
+        if route.effect == "write" and rid is None and own is None:
             return Verdict("DENY", 400, (Reason.MISSING_REQUEST_ID,),
                            "write requests need an Idempotency-Key or X-Request-Id")
         # an unauthenticated request on a shadow-mode route (the pipeline's anonymous
@@ -68,6 +72,7 @@ class AdmissionStage:
             tool = route.tool if ex.door == "proxy" else f"{ex.door}:{route.tool}"
             claim = Claim(scope, scoped_key(ex.principal.id, rid),
                           fingerprint(tool, ex.method, ex.target.path_and_query,
+                                      own.fingerprint_body if own is not None else
                                       canonical_body(ex.body, ex.headers.get("Content-Type"))),
                           self.lease_s)
         # 6. invariants: decided now, reported after the replay answer

@@ -228,3 +228,25 @@ async def test_approvals_off_is_a_dead_end_no_more(make_proxy: Callable[..., Any
                                                        headers={"X-API-Key": "demo-custodian"}
                                                        ) as r:
             assert r.status == 404
+
+
+async def test_approval_through_the_envoy_door(proxy: Proxy) -> None:
+    await proxy.set_mode("STEP_UP")
+    url = f"http://127.0.0.1:{proxy.serving.decisions_port}/authz/envoy/appointments"
+    headers = {"X-API-Key": "demo-receptionist", "Idempotency-Key": "ev-1"}
+
+    async def ask() -> tuple[int, dict[str, str], bytes]:
+        async with proxy.session.post(url, json=APPT, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    status, _, raw = await ask()
+    env = json.loads(raw)
+    assert status == 403 and env["decision"] == "NEEDS_APPROVAL"
+    approval = env["approval"]
+    assert (await approver(proxy, "POST", f"/approvals/{approval['id']}/approve"))[0] == 200
+    status, allowed, _ = await ask()
+    assert status == 200 and allowed["X-Casf-Decision"] == "ALLOW"
+    status, again, _ = await ask()  # the decision again, the approval used once
+    assert status == 200 and again["X-Casf-Replayed"] == "true"
+    assert (await approver(proxy, "GET", f"/approvals/{approval['id']}"))[1][
+        "approval"]["status"] == "used"

@@ -684,3 +684,41 @@ async def test_an_endpoint_only_config_forwards_nothing_else(stack: Stack) -> No
     assert status == 405
     assert (await stack.server.seen())["requests"] == []
 
+
+
+# ------------------------------------------------------------ approvals
+
+
+async def test_a_tool_call_waits_for_an_approval_and_runs_once(tmp_path: Path,
+                                                               mcp_server: McpServer) -> None:
+    """STEP_UP: an agent's write gets the approval's id in the JSON-RPC error's
+    envelope; once a custodian approves, the same call (same Idempotency-Key and
+    arguments, a new JSON-RPC id) runs once; the retry after it is the stored answer."""
+    def patch(d: dict[str, Any]) -> None:
+        d["approvals"] = {"approver_roles": ["custodian"], "four_eyes": True}
+
+    async with make_stack(tmp_path, mcp_server, patch) as proxy:
+        stack = Stack(proxy, mcp_server)
+        await proxy.set_mode("STEP_UP")
+        args = {"patient_id": "p1", "slot": "2026-11-23T10:00:00Z"}
+        h = {"Mcp-Name": "create_appointment", "Mcp-Param-PatientId": "p1",
+             "Idempotency-Key": "ap-mcp-1"}
+        status, _, doc = await stack.post(call("create_appointment", args, msg_id=1), headers=h)
+        err = error_of(doc)
+        assert status == 403 and err["code"] == -32010
+        assert err["data"]["decision"] == "NEEDS_APPROVAL"
+        approval = err["data"]["approval"]
+        assert approval["status"] == "pending" and approval["id"].startswith("apr_")
+        assert await stack.server.calls("create_appointment") == []
+        async with proxy.session.post(
+                f"{proxy.admin}/approvals/{approval['id']}/approve",
+                headers={"X-API-Key": "demo-custodian"}) as r:
+            assert r.status == 200
+        status, _, done = await stack.post(call("create_appointment", args, msg_id=2), headers=h)
+        assert status == 200 and done["id"] == 2 and "result" in done, done
+        status, headers, again = await stack.post(call("create_appointment", args, msg_id=3),
+                                                  headers=h)
+        assert status == 200 and headers["Idempotent-Replayed"] == "true" and again["id"] == 3
+        assert len(await stack.server.calls("create_appointment")) == 1
+        actions = [(r["action"], r["via"]) for r in stack.records() if r["kind"] == "approval"]
+        assert actions == [("created", "mcp"), ("approved", "admin"), ("used", "mcp")]

@@ -21,6 +21,7 @@ payload gets the same decision back; fail-closed refusals release it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -300,8 +301,7 @@ class DecisionDoors:
     def _rendered(self, core: DecisionCore, ex: Exchange, verdict: Verdict
                   ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
         reasons = (*verdict.reasons, *ex.extra_reasons)
-        shown = Verdict(verdict.decision, verdict.status, reasons, verdict.message,
-                        verdict.headers, shadowable=False)
+        shown = dataclasses.replace(verdict, reasons=reasons)  # the approval kept
         extra: tuple[tuple[str, str], ...] = ()
         if verdict.status == 503 and not any(k == "Retry-After" for k, _ in verdict.headers):
             extra = (("Retry-After", "1"),)

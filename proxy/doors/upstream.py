@@ -12,6 +12,7 @@ forwarded request. The inline proxy and the MCP door use them alike.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -154,8 +155,7 @@ def shown_verdict(ex: Exchange, verdict: Verdict
         extra = (("Retry-After", "1"),)
     if not ex.extra_reasons:
         return verdict, extra
-    return Verdict(verdict.decision, verdict.status, (*verdict.reasons, *ex.extra_reasons),
-                   verdict.message, verdict.headers, verdict.shadowable), extra
+    return dataclasses.replace(verdict, reasons=(*verdict.reasons, *ex.extra_reasons)), extra
 
 
 class RelayBroken(Exception):

@@ -56,6 +56,9 @@ class Result:
     requests: int
     rss_mb: dict[str, float] = field(default_factory=dict)
     fixed_rate: dict[str, Any] = field(default_factory=dict)
+    # the proxy process's CPU time (user + system, all threads and child
+    # processes) during the measured wrk run, per request served; None for direct
+    cpu_us_per_request: float | None = None
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -95,6 +98,45 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree: every thread of ``pid`` and of each
+    live descendant, plus the children that already exited and were waited for."""
+    total = 0
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            # fields after the command (which may hold spaces): state is field 3
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        total += utime + stime + cutime + cstime
+        todo += _children(p)
+    return total / _TICK
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -289,6 +331,27 @@ def soak(url: str, route: str, connections: int, requests: int, upstream: str,
             "trend_all_mb_per_min": slope(samples), "samples": samples}
 
 
+def cpu_table(results: list[Result]) -> str:
+    """CPU per request (µs) of each proxy target and route, and what it adds over bare."""
+    cpu = {(r.target, r.route): r.cpu_us_per_request for r in results}
+    bare = {route: cpu.get(("bare", route)) for route in ("read", "write")}
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    def added(target: str, route: str) -> str:
+        v, b = cpu.get((target, route)), bare[route]
+        return "-" if v is None or b is None else f"{v - b:+.0f}"
+
+    lines = ["\n| CPU per request (proxy process, us) | read | write | added over bare: read "
+             "| write |", "|---|---|---|---|---|"]
+    for target in dict.fromkeys(r.target for r in results if r.cpu_us_per_request is not None):
+        lines.append(f"| {target} | {cell(cpu.get((target, 'read')))} "
+                     f"| {cell(cpu.get((target, 'write')))} | {added(target, 'read')} "
+                     f"| {added(target, 'write')} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -336,15 +399,21 @@ def main() -> int:
                         soaks.append({"target": target, "route": route, **got_soak})
                         continue
                     wrk(url, route, a.warmup, a.connections)
+                    proxy = procs.get("proxy")
+                    cpu_before = cpu_seconds(proxy.pid) if proxy is not None else 0.0
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
+                    if proxy is not None and res.requests:
+                        res.cpu_us_per_request = round(
+                            (cpu_seconds(proxy.pid) - cpu_before) / res.requests * 1e6, 1)
                     res.fixed_rate = fr = fixed_rate(url, route, a.rate, a.rate_duration)
                     res.rss_mb = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
                     results.append(res)
                     print(f"{target:9} {route:5} {res.rps:9.0f} req/s  p50 {res.p50_ms:6.2f} ms"
                           f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors} | at {a.rate:.0f}/s:"
                           f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
-                          f" errors {fr['errors']}", flush=True)
+                          f" errors {fr['errors']} | CPU/request {res.cpu_us_per_request} us",
+                          flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
                     allows, refused = audit_allows(target, tmp, dsns.get(target))
@@ -362,6 +431,7 @@ def main() -> int:
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
               f"| {r.errors} | {fr.get('p50_ms')} | {fr.get('p90_ms')} | {fr.get('p99_ms')} "
               f"| {fr.get('p99_9_ms')} | {r.rss_mb.get('proxy', '-')} |")
+    print(cpu_table(results))
     for sk in soaks:
         print(f"soak {sk['target']} {sk['route']}: {sk['requests']} requests in "
               f"{sk['seconds']:.0f} s, errors {sk['errors']}, proxy RSS at the end "

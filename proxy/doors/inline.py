@@ -51,6 +51,12 @@ _TIMED_OUT = Verdict("DENY", 504, (Reason.UPSTREAM_TIMEOUT,),
 _BUSY = Verdict("DENY", 503, (Reason.UPSTREAM_BUSY,), "no upstream connection became free in time",
                 (("Retry-After", "1"),), shadowable=False)
 
+class _SizedResponse(web.StreamResponse):
+    """A response of a declared length: its headers go out with the first body chunk."""
+
+    _send_headers_immediately = False
+
+
 # what a request ends with: the response, and the decision, status and reason
 # codes for the access log and the request metrics
 Answer = tuple[web.StreamResponse, str, int, tuple[str, ...]]
@@ -307,10 +313,14 @@ class InlineProxy:
     async def _stream_back(self, request: web.BaseRequest, ex: Exchange,
                            upstream: aiohttp.ClientResponse, started: float,
                            claim: ClaimHandle | None) -> web.StreamResponse:
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                 headers=downstream_headers(upstream.headers))
-        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
-                "Transfer-Encoding", "").lower():
+        sized = upstream.content_length is not None and "chunked" not in upstream.headers.get(
+            "Transfer-Encoding", "").lower()
+        # a response of a declared length goes out with its headers in one write
+        # (headers held until the first chunk); a streamed one sends them at once
+        out = (_SizedResponse if sized else web.StreamResponse)(
+            status=upstream.status, reason=upstream.reason,
+            headers=downstream_headers(upstream.headers))
+        if sized:
             out.content_length = upstream.content_length
         out.headers["X-Casf-Trace-Id"] = ex.trace_id
         if ex.budget_warnings:

@@ -253,13 +253,16 @@ class InlineProxy:
         # a free pool slot, within upstream.pool_timeout_ms: a wait that gives up
         # never reached the upstream (503, the claim is released), and is never
         # reported as a connect timeout
-        try:
-            async with asyncio.timeout(self.cfg.upstream.pool_timeout_s):
-                await self.pool.acquire()
-        except TimeoutError:
-            if claim is not None:
-                await claim.release()
-            return await self._upstream_failed(ex, _BUSY, started)
+        if self.pool.locked():  # a free slot is taken at once: no timer for that
+            try:
+                async with asyncio.timeout(self.cfg.upstream.pool_timeout_s):
+                    await self.pool.acquire()
+            except TimeoutError:
+                if claim is not None:
+                    await claim.release()
+                return await self._upstream_failed(ex, _BUSY, started)
+        else:
+            await self.pool.acquire()
         try:
             return await self._send(request, ex, url, headers, started, claim)
         finally:

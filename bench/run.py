@@ -188,27 +188,37 @@ def upstream_received(upstream: str) -> int:
 
 # ALLOW decision records of requests that were then forwarded: an ALLOW committed
 # after its request's wait gave up is followed by that request's DENY 503
-# Audit_Unavailable (it was refused, not forwarded) and is not counted
+# Audit_Unavailable (it was refused, not forwarded), and an ALLOW whose request
+# found no free upstream connection within upstream.pool_timeout_ms has an
+# outcome 503 Upstream_Busy (it never reached the upstream); neither is counted
+_BUSY = ("SELECT 1 FROM audit_events o WHERE o.request_id = a.request_id "
+         "AND o.kind = 'outcome' AND o.status = 503 "
+         "AND CAST(o.reason_codes AS TEXT) LIKE '%Upstream_Busy%'")
 _FORWARDED_ALLOWS = (
     "SELECT count(*) FROM audit_events a WHERE a.kind = 'decision' AND a.decision = 'ALLOW' "
     "AND NOT EXISTS (SELECT 1 FROM audit_events d WHERE d.request_id = a.request_id "
-    "AND d.kind = 'decision' AND d.decision = 'DENY' AND d.status = 503)")
+    f"AND d.kind = 'decision' AND d.decision = 'DENY' AND d.status = 503) "
+    f"AND NOT EXISTS ({_BUSY})")
 _REFUSED = ("SELECT count(*) FROM audit_events WHERE kind = 'decision' AND decision = 'DENY' "
             "AND status = 503")
+_REFUSED_BUSY = ("SELECT count(*) FROM audit_events a WHERE a.kind = 'decision' "
+                 f"AND a.decision = 'ALLOW' AND EXISTS ({_BUSY})")
 
 
-def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int]:
-    """(ALLOW decisions of forwarded requests, 503 refusals) from the proxy's audit."""
+def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int, int]:
+    """(ALLOW decisions of forwarded requests, 503 refusals, ALLOWs refused 503
+    Upstream_Busy) from the proxy's audit."""
     if dsn is not None:
         import asyncio
 
         import asyncpg
 
-        async def count() -> tuple[int, int]:
+        async def count() -> tuple[int, int, int]:
             conn = await asyncpg.connect(dsn)
             try:
                 return (int(await conn.fetchval(_FORWARDED_ALLOWS)),
-                        int(await conn.fetchval(_REFUSED)))
+                        int(await conn.fetchval(_REFUSED)),
+                        int(await conn.fetchval(_REFUSED_BUSY)))
             finally:
                 await conn.close()
 
@@ -218,7 +228,8 @@ def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int]:
     db = sqlite3.connect(tmp / f"{target}.db")
     try:
         return (int(db.execute(_FORWARDED_ALLOWS).fetchone()[0]),
-                int(db.execute(_REFUSED).fetchone()[0]))
+                int(db.execute(_REFUSED).fetchone()[0]),
+                int(db.execute(_REFUSED_BUSY).fetchone()[0]))
     finally:
         db.close()
 
@@ -416,9 +427,9 @@ def main() -> int:
                           flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
-                    allows, refused = audit_allows(target, tmp, dsns.get(target))
+                    allows, refused, busy = audit_allows(target, tmp, dsns.get(target))
                     audit_checks[target] = {"forwarded": forwarded, "allow_records": allows,
-                                            "refused_503": refused}
+                                            "refused_503": refused, "upstream_busy_503": busy}
                     print(f"{target:9} audit: {audit_checks[target]}", flush=True)
     base = {(r.route, r.target): r.rps for r in results}
     print(f"\n| target | route | req/s | x direct | x bare | p50 ms | p99 ms | errors "
@@ -442,7 +453,9 @@ def main() -> int:
         verdict = "ok" if check["forwarded"] == check["allow_records"] else "MISMATCH"
         print(f"audit {target}: {check['allow_records']} ALLOW records for "
               f"{check['forwarded']} forwarded requests: {verdict} "
-              f"({check['refused_503']} requests refused 503 by a fail-closed dependency)")
+              f"({check['refused_503']} requests refused 503 by a fail-closed dependency, "
+              f"{check.get('upstream_busy_503', 0)} allowed but refused 503 Upstream_Busy: no "
+              "upstream connection free in time)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -64,6 +64,9 @@ class Result:
     requests: int
     rss_mb: dict[str, float] = field(default_factory=dict)
     fixed_rate: dict[str, Any] = field(default_factory=dict)
+    # the proxy process's CPU time (user + system, all threads and child
+    # processes) during the measured wrk run, per request served; None for direct
+    cpu_us_per_request: float | None = None
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -105,10 +108,48 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree: every thread of ``pid`` and of each
+    live descendant, plus the children that already exited and were waited for."""
+    total = 0
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            # fields after the command (which may hold spaces): state is field 3
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        total += utime + stime + cutime + cstime
+        todo += _children(p)
+    return total / _TICK
+
+
 def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) the process tree has used so far."""
+    return cpu_seconds(pid)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -211,27 +252,37 @@ def upstream_received(upstream: str) -> int:
 
 # ALLOW decision records of requests that were then forwarded: an ALLOW committed
 # after its request's wait gave up is followed by that request's DENY 503
-# Audit_Unavailable (it was refused, not forwarded) and is not counted
+# Audit_Unavailable (it was refused, not forwarded), and an ALLOW whose request
+# found no free upstream connection within upstream.pool_timeout_ms has an
+# outcome 503 Upstream_Busy (it never reached the upstream); neither is counted
+_BUSY = ("SELECT 1 FROM audit_events o WHERE o.request_id = a.request_id "
+         "AND o.kind = 'outcome' AND o.status = 503 "
+         "AND CAST(o.reason_codes AS TEXT) LIKE '%Upstream_Busy%'")
 _FORWARDED_ALLOWS = (
     "SELECT count(*) FROM audit_events a WHERE a.kind = 'decision' AND a.decision = 'ALLOW' "
     "AND NOT EXISTS (SELECT 1 FROM audit_events d WHERE d.request_id = a.request_id "
-    "AND d.kind = 'decision' AND d.decision = 'DENY' AND d.status = 503)")
+    f"AND d.kind = 'decision' AND d.decision = 'DENY' AND d.status = 503) "
+    f"AND NOT EXISTS ({_BUSY})")
 _REFUSED = ("SELECT count(*) FROM audit_events WHERE kind = 'decision' AND decision = 'DENY' "
             "AND status = 503")
+_REFUSED_BUSY = ("SELECT count(*) FROM audit_events a WHERE a.kind = 'decision' "
+                 f"AND a.decision = 'ALLOW' AND EXISTS ({_BUSY})")
 
 
-def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int]:
-    """(ALLOW decisions of forwarded requests, 503 refusals) from the proxy's audit."""
+def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int, int]:
+    """(ALLOW decisions of forwarded requests, 503 refusals, ALLOWs refused 503
+    Upstream_Busy) from the proxy's audit."""
     if dsn is not None:
         import asyncio
 
         import asyncpg
 
-        async def count() -> tuple[int, int]:
+        async def count() -> tuple[int, int, int]:
             conn = await asyncpg.connect(dsn)
             try:
                 return (int(await conn.fetchval(_FORWARDED_ALLOWS)),
-                        int(await conn.fetchval(_REFUSED)))
+                        int(await conn.fetchval(_REFUSED)),
+                        int(await conn.fetchval(_REFUSED_BUSY)))
             finally:
                 await conn.close()
 
@@ -241,7 +292,8 @@ def audit_allows(target: str, tmp: Path, dsn: str | None) -> tuple[int, int]:
     db = sqlite3.connect(tmp / f"{target}.db")
     try:
         return (int(db.execute(_FORWARDED_ALLOWS).fetchone()[0]),
-                int(db.execute(_REFUSED).fetchone()[0]))
+                int(db.execute(_REFUSED).fetchone()[0]),
+                int(db.execute(_REFUSED_BUSY).fetchone()[0]))
     finally:
         db.close()
 
@@ -354,6 +406,27 @@ def soak(url: str, route: str, connections: int, requests: int, upstream: str,
             "trend_all_mb_per_min": slope(samples), "samples": samples}
 
 
+def cpu_table(results: list[Result]) -> str:
+    """CPU per request (µs) of each proxy target and route, and what it adds over bare."""
+    cpu = {(r.target, r.route): r.cpu_us_per_request for r in results}
+    bare = {route: cpu.get(("bare", route)) for route in ("read", "write")}
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    def added(target: str, route: str) -> str:
+        v, b = cpu.get((target, route)), bare[route]
+        return "-" if v is None or b is None else f"{v - b:+.0f}"
+
+    lines = ["\n| CPU per request (proxy process, us) | read | write | added over bare: read "
+             "| write |", "|---|---|---|---|---|"]
+    for target in dict.fromkeys(r.target for r in results if r.cpu_us_per_request is not None):
+        lines.append(f"| {target} | {cell(cpu.get((target, 'read')))} "
+                     f"| {cell(cpu.get((target, 'write')))} | {added(target, 'read')} "
+                     f"| {added(target, 'write')} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -407,8 +480,13 @@ def main() -> int:
                         soaks.append({"target": target, "route": route, **got_soak})
                         continue
                     wrk(url, route, a.warmup, a.connections)
+                    proxy = procs.get("proxy")
+                    cpu_before = cpu_seconds(proxy.pid) if proxy is not None else 0.0
                     got = wrk(url, route, a.duration, a.connections)
                     res = Result(target, route, **got)  # type: ignore[arg-type]
+                    if proxy is not None and res.requests:
+                        res.cpu_us_per_request = round(
+                            (cpu_seconds(proxy.pid) - cpu_before) / res.requests * 1e6, 1)
                     res.fixed_rate = fr = fixed_rate(
                         url, route, a.rate, a.rate_duration,
                         proxy=procs["proxy"].pid if "proxy" in procs else None)
@@ -418,12 +496,14 @@ def main() -> int:
                           f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors} | at {a.rate:.0f}/s:"
                           f" p50 {fr['p50_ms']} p99 {fr['p99_ms']} p99.9 {fr['p99_9_ms']} ms"
                           f" errors {fr['errors']} proxy CPU "
-                          f"{fr.get('proxy_cpu_ms_per_request', '-')} ms/request", flush=True)
+                          f"{fr.get('proxy_cpu_ms_per_request', '-')} ms/request"
+                          f" | CPU/request (closed loop) {res.cpu_us_per_request} us",
+                          flush=True)
                 if target in ("embedded", "redis", "full"):
                     forwarded = settled_count(upstream) - received_before
-                    allows, refused = audit_allows(target, tmp, dsns.get(target))
+                    allows, refused, busy = audit_allows(target, tmp, dsns.get(target))
                     audit_checks[target] = {"forwarded": forwarded, "allow_records": allows,
-                                            "refused_503": refused}
+                                            "refused_503": refused, "upstream_busy_503": busy}
                     print(f"{target:9} audit: {audit_checks[target]}", flush=True)
     base = {(r.route, r.target): r.rps for r in results}
     print(f"\n| target | route | req/s | x direct | x bare | p50 ms | p99 ms | errors "
@@ -438,6 +518,7 @@ def main() -> int:
               f"| {r.rps / b if b else float('nan'):.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
               f"| {r.errors} | {fr.get('p50_ms')} | {fr.get('p90_ms')} | {fr.get('p99_ms')} "
               f"| {fr.get('p99_9_ms')} | {r.rss_mb.get('proxy', '-')} |")
+    print(cpu_table(results))
     for sk in soaks:
         print(f"soak {sk['target']} {sk['route']}: {sk['requests']} requests in "
               f"{sk['seconds']:.0f} s, errors {sk['errors']}, proxy RSS at the end "
@@ -448,7 +529,9 @@ def main() -> int:
         verdict = "ok" if check["forwarded"] == check["allow_records"] else "MISMATCH"
         print(f"audit {target}: {check['allow_records']} ALLOW records for "
               f"{check['forwarded']} forwarded requests: {verdict} "
-              f"({check['refused_503']} requests refused 503 by a fail-closed dependency)")
+              f"({check['refused_503']} requests refused 503 by a fail-closed dependency, "
+              f"{check.get('upstream_busy_503', 0)} allowed but refused 503 Upstream_Busy: no "
+              "upstream connection free in time)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -52,6 +52,13 @@ from proxy.stages import Stage
 errlog = logging.getLogger("casf.pipeline")
 
 
+class _SizedResponse(web.StreamResponse):
+    """A response of a declared length: its headers go out with the first body chunk
+    (one transport write for a small response instead of two)."""
+
+    _send_headers_immediately = False
+
+
 
 class InlineProxy:
     """The traffic listener's front door over one generation's decision core."""
@@ -221,10 +228,14 @@ class InlineProxy:
     async def _stream_back(self, request: web.BaseRequest, ex: Exchange,
                            upstream: aiohttp.ClientResponse, started: float,
                            claim: ClaimHandle | None) -> web.StreamResponse:
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                 headers=downstream_headers(upstream.headers))
-        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
-                "Transfer-Encoding", "").lower():
+        sized = upstream.content_length is not None and "chunked" not in upstream.headers.get(
+            "Transfer-Encoding", "").lower()
+        # a response of a declared length goes out with its headers in one write
+        # (headers held until the first chunk); a streamed one sends them at once
+        out = (_SizedResponse if sized else web.StreamResponse)(
+            status=upstream.status, reason=upstream.reason,
+            headers=downstream_headers(upstream.headers))
+        if sized:
             out.content_length = upstream.content_length
         out.headers["X-Casf-Trace-Id"] = ex.trace_id
         if ex.budget_warnings:

@@ -109,14 +109,17 @@ async def upstream_call(upstream: UpstreamClient, cfg: UpstreamConfig, ex: Excha
     gives up never reached the upstream (503 ``Upstream_Busy``) and is never
     reported as a connect timeout.
     """
-    try:
-        async with asyncio.timeout(cfg.pool_timeout_s):
-            await upstream.gate.acquire()
-    except TimeoutError:
-        if claim is not None:
-            await claim.release()
-        yield BUSY
-        return
+    if upstream.gate.locked():  # a free slot is taken at once: no timer for that
+        try:
+            async with asyncio.timeout(cfg.pool_timeout_s):
+                await upstream.gate.acquire()
+        except TimeoutError:
+            if claim is not None:
+                await claim.release()
+            yield BUSY
+            return
+    else:
+        await upstream.gate.acquire()
     try:
         ex.forwarded = True
         got: aiohttp.ClientResponse | Verdict

@@ -426,3 +426,23 @@ async def test_concurrent_verify_with_one_id_decides_once(doors: Doors) -> None:
     allows = [r for r in records(doors.p)
               if r["request_id"] == "c1" and r["kind"] == "decision" and r["decision"] == "ALLOW"]
     assert len(allows) == 1  # one decision; the rest are replays or concurrent denies
+
+
+async def test_an_unexpected_error_in_a_decision_door_is_a_recorded_deny(doors: Doors) -> None:
+    class Exploding:
+        name = "exploding"
+
+        async def check(self, ex: Any) -> None:
+            raise RuntimeError("boom with secret body value")
+
+    doors.p.rt.pipeline.stages.insert(0, Exploding())
+    status, _, env = await doors.verify(vreq("boom-1", "cliniccloud.create_appointment",
+                                             subject={"patient_id": "p1"}))
+    assert status == 500 and env["reason_codes"] == ["Internal_Error"]
+    assert "secret" not in json.dumps(env)
+    status, headers, raw = await doors.forward("GET", "/appointments")
+    assert status == 500 and json.loads(raw)["reason_codes"] == ["Internal_Error"]
+    assert "X-Casf-Decision" not in headers
+    await doors.p.rt.pipeline.flush()
+    denied = [r for r in records(doors.p) if r["reason_codes"] == ["Internal_Error"]]
+    assert {r["via"] for r in denied} == {"verify", "forward"}

@@ -22,6 +22,7 @@ payload gets the same decision back; fail-closed refusals release it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Mode
-from proxy.core import NOT_MAPPED, Decision, DecisionCore
+from proxy.core import INTERNAL, NOT_MAPPED, Decision, DecisionCore
 from proxy.doors.schema import VERIFY_REQUEST, SchemaError, decision_api_spec, validate
 from proxy.doors.upstream import peer_of, read_body
 from proxy.envelope import envelope_response
@@ -42,6 +43,7 @@ from proxy.ports import StoredOutcome
 from proxy.reasons import Reason
 from proxy.strictjson import JsonRejected, loads_strict
 
+errlog = logging.getLogger("casf.pipeline")
 _STRICTNESS = {Mode.ALLOW: 0, Mode.STEP_UP: 1, Mode.READ_ONLY: 2, Mode.KILL_SWITCH: 3}
 _ORIGINAL = (("X-Original-Method", "X-Original-URI"), ("X-Forwarded-Method", "X-Forwarded-Uri"))
 # what the authz doors take from their own request line, never from the original's
@@ -92,7 +94,10 @@ class DecisionDoors:
         ex.target = Target("/verify", "")
         answer: tuple[web.StreamResponse, str, int, tuple[str, ...]] | None = None
         try:
-            answer = await self._verify(core, request, ex)
+            try:
+                answer = await self._verify(core, request, ex)
+            except Exception:
+                answer = await self._internal_error(core, ex)
             return answer[0]
         finally:
             self.metrics.in_flight.dec()
@@ -207,8 +212,11 @@ class DecisionDoors:
                                                     request.headers.get("Host", "")))
         answer: tuple[web.StreamResponse, str, int, tuple[str, ...]] | None = None
         try:
-            answer = await self._authz_run(core, request, ex, target, body_sent=body_sent,
-                                           partial=partial)
+            try:
+                answer = await self._authz_run(core, request, ex, target,
+                                               body_sent=body_sent, partial=partial)
+            except Exception:
+                answer = await self._internal_error(core, ex)
             return answer[0]
         finally:
             self.metrics.in_flight.dec()
@@ -289,6 +297,12 @@ class DecisionDoors:
         return resp
 
     # ------------------------------------------------------------ envelopes
+
+    async def _internal_error(self, core: DecisionCore, ex: Exchange
+                              ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
+        """An unexpected error: a 500 DENY envelope, recorded; never an allow."""
+        errlog.exception("unexpected error in the %s door (trace %s)", ex.door, ex.trace_id)
+        return await self._envelope(core, ex, INTERNAL)
 
     async def _envelope(self, core: DecisionCore, ex: Exchange, verdict: Verdict
                         ) -> tuple[web.StreamResponse, str, int, tuple[str, ...]]:
